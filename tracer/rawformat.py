@@ -1,0 +1,40 @@
+"""Raw event records: the fixed-size binary format both recorders stream to ``events.raw``.
+
+Standard library only: this module is imported inside gdb's embedded Python, and its layout is
+mirrored by the TCG plugin (``tracer/plugin/lazytrace.c``, ``struct lt_record``). Change both or neither.
+
+File layout: :data:`MAGIC` (8 bytes), then records of :data:`RECORD.size` bytes, little-endian.
+A recorder killed mid-write leaves at most one truncated record at the end; readers drop it and
+count it.
+
+Record fields (in order):
+
+=============  ======  ==================================================================
+seq            u64     recording order (per file, from 0)
+t_ns           i64     host CLOCK_MONOTONIC in ns at the event
+pc             u64     guest pc of the probe hit
+ptep           u64     valid if ``F_PTEP``
+pteval         u64     valid if ``F_PTEVAL``
+preempt_raw    u32     raw per-CPU ``__preempt_count`` (need-resched bit still inside)
+pid            i32     current task's pid
+next_pid       i32     switch only: the next task's pid, else -1
+cpu            i16     guest's own CPU number (per-CPU ``cpu_number``), -1 unknown
+vcpu           i16     QEMU vCPU index
+event          u8      index into :data:`tracer.schema.EVENTS`
+flags          u8      ``F_*`` bits
+loc            u16     index into ``locations.json`` (gives probe and site function)
+comm           16s     current task's comm, NUL padded (TASK_COMM_LEN)
+=============  ======  ==================================================================
+"""
+
+import struct
+
+MAGIC = b"LZTRAW01"
+RECORD = struct.Struct("<QqQQQIiihhBBH16s4x")
+assert RECORD.size == 80
+
+F_IRQS_ON = 0x01
+F_PTEP = 0x02
+F_PTEVAL = 0x04
+F_MM_KNOWN = 0x08
+F_MM_INIT = 0x10
