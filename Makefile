@@ -1,0 +1,22 @@
+# lazytrace: the two documented entry points (README):
+#   make run    set everything up, then trace the default guest and print the invariant report
+#   make test   set everything up, then run the test suite (real guests included)
+# Both are idempotent: set-up steps that are already done do nothing.
+
+.PHONY: setup run test bench lint
+
+setup:
+	./scripts/setup-host.sh
+
+run: setup
+	.venv/bin/lazytrace run
+
+test: setup
+	LAZYTRACE_VM_TESTS=1 .venv/bin/pytest -v
+
+bench: setup
+	.venv/bin/python bench/check_throughput
+	.venv/bin/python bench/trace_throughput
+
+lint:
+	.venv/bin/ruff check .

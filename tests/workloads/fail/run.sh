@@ -1,0 +1,3 @@
+# Test workload: exit non-zero.
+echo "failing on purpose"
+exit 7

@@ -1,0 +1,166 @@
+"""The ``lazytrace`` command line: boot | record | check | run | replay | kernels.
+
+Exit status (DESIGN.md): 0 ok, 1 an invariant FAILed (not covered by ``--expect``), 2 usage or input error,
+3 guest fault (no boot, panic, hang), 4 infrastructure fault (QEMU/gdb missing or died), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+from . import __version__, kernels, paths, profiles, workloads
+from .errors import LazytraceError
+
+console = Console(stderr=True, soft_wrap=True)
+log = logging.getLogger("lazytrace")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)])
+
+
+def _fail(exc: LazytraceError) -> None:
+    console.print(f"[bold red]lazytrace: error:[/] {exc.message}", highlight=False)
+    details = exc.details()
+    if details:
+        console.print(details, highlight=False, markup=False)
+    sys.exit(exc.exit_status)
+
+
+def download_progress():
+    """A rich progress bar usable as ``kernels.fetch(progress=...)``."""
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    console=console, transient=False)
+    tasks: dict[str, int] = {}
+
+    def cb(what: str, done: int, total: int) -> None:
+        if not prog.live.is_started:
+            prog.start()
+        if what not in tasks:
+            tasks[what] = prog.add_task(what, total=total or None)
+        prog.update(tasks[what], completed=done, total=total or None)
+
+    return prog, cb
+
+
+def _run_dir(out: str | None, prefix: str) -> Path:
+    if out:
+        d = Path(out)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+    return paths.new_run_dir(prefix)
+
+
+# Options shared by boot / record / run.
+def guest_options(f):
+    f = click.option("--kernel", default=kernels.DEFAULT_KERNEL, show_default=True,
+                     help="guest kernel recipe (guest-kernels/NAME.toml)")(f)
+    f = click.option("--profile", default=profiles.DEFAULT_PROFILE, show_default=True,
+                     help="machine profile (qemu-configs/NAME.toml) or a path to a profile TOML")(f)
+    f = click.option("--workload", default=workloads.DEFAULT_WORKLOAD, show_default=True,
+                     help="built-in workload name or path to a workload directory")(f)
+    f = click.option("--iterations", type=int, default=None, help="workload iterations (default: the workload's)")(f)
+    f = click.option("--cpus", default="all", show_default=True, help="guest CPUs the workload runs on, e.g. 0,1")(f)
+    f = click.option("--timeout", "timeout_s", type=float, default=None,
+                     help="workload timeout in seconds (default: the workload's; scaled by the profile)")(f)
+    f = click.option("--out", type=click.Path(file_okay=False), default=None,
+                     help="run directory (default: a new timestamped directory under runs/)")(f)
+    return f
+
+
+def _spec(kernel, profile, workload, iterations, cpus, timeout_s):
+    from .runspec import RunSpec
+    return RunSpec(kernel=kernel, profile=profile, workload=workload, iterations=iterations, cpus=cpus,
+                   timeout_s=timeout_s)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lazytrace")
+@click.option("-v", "--verbose", count=True, help="more logging (-vv for debug)")
+def cli(verbose: int) -> None:
+    """Trace a paravirt Linux guest under QEMU and check its lazy-MMU and preemption invariants."""
+    _setup_logging(verbose)
+
+
+@cli.command()
+@guest_options
+def boot(kernel, profile, workload, iterations, cpus, timeout_s, out) -> None:
+    """Boot the guest, run a workload, power off (no tracing)."""
+    from . import runspec
+    from .boot import boot as do_boot
+    try:
+        spec = _spec(kernel, profile, workload, iterations, cpus, timeout_s)
+        prog, cb = download_progress()
+        with prog:
+            resolved = runspec.resolve(spec, progress=cb)
+        run_dir = _run_dir(out, "boot")
+        with console.status("booting") as st:
+            res = do_boot(resolved, run_dir, status=lambda msg: st.update(msg))
+    except LazytraceError as exc:
+        _fail(exc)
+    console.print(f"boot: {res.boot_s:.2f} s to /init; workload window: {res.window_s:.2f} s; "
+                  f"workload status: {res.workload_status}; clean poweroff")
+    console.print(f"run directory: {res.run_dir}")
+
+
+@cli.group(name="kernels")
+def kernels_cmd() -> None:
+    """List, fetch and verify guest kernels."""
+
+
+@kernels_cmd.command(name="list")
+def kernels_list() -> None:
+    """Recipes, and what each resolves to in the cache."""
+    for name in kernels.available():
+        try:
+            recipe = kernels.load_recipe(name)
+        except LazytraceError as exc:
+            console.print(f"{name:20s} [red]bad recipe[/]: {exc.message}")
+            continue
+        k = kernels.cached(recipe)
+        state = f"fetched: {k.release} ({k.info.get('packages', {}).get('image', {}).get('version')})" if k \
+            else "not fetched"
+        default = " (default)" if name == kernels.DEFAULT_KERNEL else ""
+        click.echo(f"{name:20s} {state:60s} {recipe.description}{default}")
+
+
+@kernels_cmd.command(name="fetch")
+@click.argument("name", default=kernels.DEFAULT_KERNEL)
+def kernels_fetch(name: str) -> None:
+    """Download and unpack a kernel (bzImage + DWARF vmlinux) into the cache, then verify it."""
+    try:
+        recipe = kernels.load_recipe(name)
+        prog, cb = download_progress()
+        with prog:
+            k = kernels.fetch(recipe, progress=cb)
+    except LazytraceError as exc:
+        _fail(exc)
+    click.echo(f"{name}: {k.release} in {k.directory} (build-id {k.build_id})")
+
+
+@kernels_cmd.command(name="verify")
+@click.argument("name", default=kernels.DEFAULT_KERNEL)
+def kernels_verify(name: str) -> None:
+    """Check that bzImage and vmlinux belong together, DWARF is present and the tracer's symbols resolve."""
+    try:
+        k = kernels.verify(name)
+    except LazytraceError as exc:
+        _fail(exc)
+    click.echo(f"{name}: OK: {k.info['banner']}\n  build-id {k.build_id}")
+
+
+def main() -> None:
+    cli(prog_name="lazytrace")
+
+
+if __name__ == "__main__":
+    main()
