@@ -23,7 +23,7 @@ def _vm_prereqs() -> str | None:
     try:
         if kernels.cached(kernels.load_recipe(kernels.DEFAULT_KERNEL)) is None:
             return f"kernel {kernels.DEFAULT_KERNEL} not fetched (run `lazytrace kernels fetch`)"
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return f"kernel recipe problem: {exc}"
     return None
 

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Turn SIGTERM into KeyboardInterrupt for the duration, so both stop a run the same careful way."""
-    def handler(signum, frame):  # noqa: ARG001
+    def handler(signum, frame):
         raise KeyboardInterrupt
     old = signal.signal(signal.SIGTERM, handler)
     try:

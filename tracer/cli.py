@@ -112,6 +112,94 @@ def boot(kernel, profile, workload, iterations, cpus, timeout_s, out) -> None:
     console.print(f"run directory: {res.run_dir}")
 
 
+def record_options(f):
+    f = click.option("--backend", type=click.Choice(["plugin", "gdb"]), default=None,
+                     help="recorder: TCG plugin (guest speed; needs QEMU >= 10) or gdb stub "
+                          "(default: plugin where supported)")(f)
+    f = click.option("--arm", type=click.Choice(["marker", "boot"]), default="marker", show_default=True,
+                     help="trace the workload window (between the marker syscalls) or from reset")(f)
+    f = click.option("--emulate/--step", "emulate", default=None,
+                     help="gdb backend: emulate trivially emulable probe instructions (one stop per event) "
+                          "or single-step over them (default: the recorder's measured winner)")(f)
+    f = click.option("--replayable", is_flag=True,
+                     help="record under QEMU icount record/replay (forces 1 vCPU: profile tcg-up-replay)")(f)
+    return f
+
+
+def _record(spec, backend, arm, emulate, replayable, out, prefix):
+    from . import record as rec
+    from . import runspec
+    if replayable:
+        from dataclasses import replace
+        spec = replace(spec, profile="tcg-up-replay")
+    why = "asked for"
+    if backend is None:
+        backend, why = rec.default_backend()
+        if backend == "gdb":
+            log.warning("using the gdb backend: %s", why)
+    prog, cb = download_progress()
+    with prog:
+        resolved = runspec.resolve(spec, progress=cb)
+    run_dir = _run_dir(out, prefix)
+    console.print(f"run directory: {run_dir}  (backend {backend}: {why})")
+    return rec.record(resolved, run_dir, backend=backend, arm=arm, emulate=emulate, console=console)
+
+
+def _summary(res) -> None:
+    boot = f"{res.boot_s:.1f} s" if res.boot_s is not None else "?"
+    window = f"{res.window_s:.1f} s" if res.window_s is not None else "?"
+    console.print(f"recorded {res.events:,} events ({res.events_lost} lost) with the {res.backend} backend; "
+                  f"boot {boot}, workload window {window}; trace: {res.run_dir / 'trace.parquet'}")
+
+
+@cli.command()
+@guest_options
+@record_options
+def record(kernel, profile, workload, iterations, cpus, timeout_s, out, backend, arm, emulate, replayable) -> None:
+    """Boot the guest under a recorder and write a trace directory (no checking)."""
+    try:
+        res = _record(_spec(kernel, profile, workload, iterations, cpus, timeout_s), backend, arm, emulate,
+                      replayable, out, "record")
+    except LazytraceError as exc:
+        _fail(exc)
+    _summary(res)
+
+
+@cli.command()
+@click.argument("trace_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--expect", "expect_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="TOML file of accepted known violations (id, site, reason)")
+@click.option("--no-plots", is_flag=True, help="skip the timeline PNG and the Perfetto export")
+def check(trace_dirs, expect_file, no_plots) -> None:
+    """Check saved traces against the invariant catalogue; write report.json and report.md into each."""
+    from analysis.check import check_dirs
+    try:
+        code = check_dirs([Path(d) for d in trace_dirs], expect_file=expect_file, console=console,
+                          plots=not no_plots)
+    except LazytraceError as exc:
+        _fail(exc)
+    sys.exit(code)
+
+
+@cli.command()
+@guest_options
+@record_options
+@click.option("--expect", "expect_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="TOML file of accepted known violations (id, site, reason)")
+def run(kernel, profile, workload, iterations, cpus, timeout_s, out, backend, arm, emulate, replayable,
+        expect_file) -> None:
+    """Record a guest run, then check it: the main job."""
+    from analysis.check import check_dirs
+    try:
+        res = _record(_spec(kernel, profile, workload, iterations, cpus, timeout_s), backend, arm, emulate,
+                      replayable, out, "run")
+        _summary(res)
+        code = check_dirs([res.run_dir], expect_file=expect_file, console=console)
+    except LazytraceError as exc:
+        _fail(exc)
+    sys.exit(code)
+
+
 @cli.group(name="kernels")
 def kernels_cmd() -> None:
     """List, fetch and verify guest kernels."""

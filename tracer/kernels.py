@@ -347,7 +347,7 @@ def _download(pkg: str, version: str, size: int, debs: Path, dest: Path,
         def run() -> None:
             try:
                 _apt(["apt-get", "download", "-q", f"{pkg}={version}"], cwd=Path(tmpd))
-            except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            except Exception as exc:
                 result["error"] = exc
             finally:
                 done.set()

@@ -19,7 +19,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -28,7 +28,7 @@ import pexpect
 import pexpect.fdpexpect
 
 from . import schema
-from .errors import (GuestBootError, GuestError, GuestHangError, GuestPanicError, QemuError, ToolMissingError)
+from .errors import GuestBootError, GuestError, GuestHangError, GuestPanicError, QemuError, ToolMissingError
 from .kernels import Kernel
 from .profiles import MachineProfile
 
@@ -393,7 +393,7 @@ class Guest:
         if self.console is not None:
             try:
                 self._drain(0.2)
-            except Exception:  # noqa: BLE001 - best effort
+            except Exception:
                 pass
         for f in (self._console_log, self._qemu_log):
             if f:

@@ -13,7 +13,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from conftest import TEST_WORKLOADS
 
 pytestmark = pytest.mark.vm
@@ -84,7 +83,7 @@ def test_two_guests_at_once_do_not_clash(tmp_path: Path):
         t.start()
     for t in threads:
         t.join()
-    for r, d in zip(results, dirs):
+    for r, d in zip(results, dirs, strict=True):
         assert r.returncode == 0, r.stderr
         assert "@@LAZYTRACE:END@@ status=0" in (d / "console.log").read_text(errors="replace")
 

@@ -1,0 +1,189 @@
+"""``lazytrace record``: boot the guest under a recorder and turn the run into a trace directory.
+
+One way through the data: resolved run spec -> Guest + recorder (gdb stub or TCG plugin) -> ``events.raw``
+(streamed while the guest runs) -> ``trace.parquet`` + ``run.json``. Whatever stops the run (guest panic, gdb or
+QEMU dying, Ctrl-C), the raw records already on disk are converted and the manifest says why it is partial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+
+from . import rawformat as rf
+from . import rawtrace, schema, symbols
+from .boot import managed_run
+from .errors import GuestError, LazytraceError
+from .manifest import Manifest
+from .progress import RawTail
+from .qemu import Guest, qemu_version
+from .runspec import Resolved
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("plugin", "gdb")
+ARM_MODES = ("marker", "boot")
+#: Stop-based tracing runs the traced code ~500x slower: scale the workload timeout by this for gdb.
+GDB_WINDOW_SLOWDOWN = 4.0
+#: With ``--arm boot`` the whole boot is traced through the stub.
+GDB_BOOT_SLOWDOWN = 30.0
+
+
+def default_backend() -> tuple[str, str]:
+    """The plugin when this QEMU can run it, else gdb; and why."""
+    try:
+        from .plugin_build import plugin_supported
+    except ImportError:
+        return "gdb", "the TCG plugin recorder is not available in this build"
+    ok, why = plugin_supported()
+    return ("plugin", why) if ok else ("gdb", why)
+
+
+@dataclass
+class RecordResult:
+    run_dir: Path
+    backend: str
+    events: int
+    events_lost: int
+    boot_s: float | None
+    window_s: float | None
+    workload_status: int | None
+    stats: dict
+
+
+def record(resolved: Resolved, run_dir: Path, *, backend: str, arm: str = "marker", emulate: bool | None = None,
+           console: Console | None = None) -> RecordResult:
+    """Record one guest run into ``run_dir``.
+
+    :raises GuestError: no boot, panic, hang, or a non-zero workload status (the trace is kept).
+    :raises InfraError: QEMU or gdb missing or died (the trace is kept).
+    """
+    console = console or Console(stderr=True)
+    run_dir = Path(run_dir)
+    cfg = resolved.guest
+    m = Manifest(run_dir, command="record", backend=backend, arm=arm, qemu={"version": qemu_version()},
+                 **resolved.manifest())
+    tail = RawTail(run_dir / schema.RAW_FILE)
+    result = RecordResult(run_dir, backend, 0, 0, None, None, None, {})
+    with managed_run(m):
+        try:
+            with console.status(f"resolving probes for build-id {cfg.kernel.build_id[:12]} (cached after the first run)"):
+                syms = symbols.resolve(cfg.kernel.vmlinux)
+            syms.write_locations(run_dir)
+            m.update(probes={"locations": syms.probe_counts(), "absent_optional": syms.absent_optional()},
+                     symbols={"pcpu_layout": syms.pcpu_layout, "build_id": syms.build_id})
+            with Live(tail.table("starting"), console=console, refresh_per_second=4, transient=False) as live:
+                phase = ["booting"]
+
+                def tick() -> None:
+                    tail.update()
+                    live.update(tail.table(phase[0]))
+
+                if backend == "gdb":
+                    _record_gdb(resolved, run_dir, syms, arm, emulate, m, result, tick, phase)
+                elif backend == "plugin":
+                    _record_plugin(resolved, run_dir, syms, arm, m, result, tick, phase)
+                else:
+                    raise ValueError(backend)
+                phase[0] = "done"
+                tick()
+        finally:
+            _finalise_trace(run_dir, m, result)
+        status = "complete"
+        reason = None
+        if result.events_lost:
+            status, reason = "partial", f"{result.events_lost} events lost"
+        m.finish(status=status, exit_status=0, partial_reason=reason)
+        if result.workload_status:
+            raise GuestError(f"workload {resolved.workload.name} exited with status {result.workload_status}")
+    return result
+
+
+def _record_gdb(resolved, run_dir, syms, arm, emulate, m, result, tick, phase) -> None:
+    from .gdb_recorder import GdbRecorder
+    from .gdb_session import GdbSession
+
+    cfg = replace(resolved.guest, gdb=True, paused=True, single_thread_tcg=True)
+    slowdown = GDB_BOOT_SLOWDOWN if arm == "boot" else 1.0
+    with contextlib.ExitStack() as stack:
+        guest = stack.enter_context(Guest(run_dir, cfg, slowdown=slowdown))
+        m.update(qemu={"version": qemu_version(), "argv": guest.argv})
+        gdb = stack.enter_context(GdbSession(cfg.kernel.vmlinux, guest.gdb_socket, run_dir / schema.GDB_LOG))
+        m.update(gdb={"version": gdb.version})
+        kwargs = {} if emulate is None else {"emulate": emulate}
+        rec = GdbRecorder(gdb, syms, run_dir, arm=arm, **kwargs)
+        rec.start()
+
+        def poll() -> None:
+            rec.poll()
+            tick()
+
+        def on_start() -> None:
+            phase[0] = "tracing the workload window" if arm == "marker" else "tracing"
+
+        try:
+            result.workload_status = guest.run_workload(
+                workload_timeout=resolved.workload_timeout * GDB_WINDOW_SLOWDOWN, poll=poll, on_start=on_start,
+                boot_timeout=60.0)
+        finally:
+            result.boot_s, result.window_s = guest.boot_s, guest.window_s
+            if gdb.alive():
+                with contextlib.suppress(LazytraceError):
+                    result.stats = rec.stop()
+        phase[0] = "powering off"
+        guest.wait_poweroff()
+
+
+def _record_plugin(resolved, run_dir, syms, arm, m, result, tick, phase) -> None:
+    from .plugin_build import ensure_plugin
+    from .plugin_recorder import PluginRecorder
+
+    so = ensure_plugin()
+    rec = PluginRecorder(syms, run_dir, arm=arm, plugin=so) if _takes_plugin(PluginRecorder) else \
+        PluginRecorder(syms, run_dir, arm=arm)
+    cfg = replace(resolved.guest, extra_args=tuple(resolved.guest.extra_args) + tuple(rec.qemu_args()))
+    with Guest(run_dir, cfg) as guest:
+        m.update(qemu={"version": qemu_version(), "argv": guest.argv})
+
+        def poll() -> None:
+            rec.poll()
+            tick()
+
+        def on_start() -> None:
+            phase[0] = "tracing the workload window" if arm == "marker" else "tracing"
+
+        try:
+            result.workload_status = guest.run_workload(
+                workload_timeout=resolved.workload_timeout, poll=poll, on_start=on_start)
+            phase[0] = "powering off"
+            guest.wait_poweroff()
+        finally:
+            result.boot_s, result.window_s = guest.boot_s, guest.window_s
+    result.stats = rec.finish()
+
+
+def _takes_plugin(cls) -> bool:
+    import inspect
+    return "plugin" in inspect.signature(cls).parameters
+
+
+def _finalise_trace(run_dir: Path, m: Manifest, result: RecordResult) -> None:
+    """Convert whatever raw records exist into trace.parquet and put the counts in the manifest."""
+    raw = run_dir / schema.RAW_FILE
+    if not raw.exists() or not (run_dir / schema.LOCATIONS_FILE).exists():
+        return
+    try:
+        n, torn = rawtrace.convert_dir(run_dir)
+    except LazytraceError as exc:
+        m.update(trace_error=exc.message)
+        return
+    lost = int(result.stats.get("events_lost", 0) or 0)
+    result.events, result.events_lost = n, lost
+    m.update(events_recorded=n, events_lost=lost, torn_bytes=torn, recorder=result.stats,
+             boot_s=result.boot_s, window_s=result.window_s, workload_status=result.workload_status,
+             raw_record_size=rf.RECORD.size)
