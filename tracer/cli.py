@@ -200,6 +200,37 @@ def run(kernel, profile, workload, iterations, cpus, timeout_s, out, backend, ar
     sys.exit(code)
 
 
+@cli.command()
+@click.argument("src_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--backend", type=click.Choice(["plugin", "gdb"]), default="gdb", show_default=True,
+              help="recorder attached to the replay")
+@click.option("--arm", type=click.Choice(["marker", "boot"]), default="marker", show_default=True)
+@click.option("--emulate/--step", "emulate", default=None)
+@click.option("--out", type=click.Path(file_okay=False), default=None)
+@click.option("--expect", "expect_file", type=click.Path(exists=True, dir_okay=False), default=None)
+def replay(src_dir, backend, arm, emulate, out, expect_file) -> None:
+    """Replay a --replayable run exactly (QEMU icount replay), traced, then check it.
+
+    The replayed guest executes the very same instructions as the recording, so the gdb backend's stops
+    no longer perturb it: need-resched and lazy-region counts are those of the recorded run.
+    """
+    from analysis.check import check_dirs
+
+    from . import record as rec
+    try:
+        prog, cb = download_progress()
+        with prog:
+            resolved = rec.replay_resolved(Path(src_dir), progress=cb)
+        run_dir = _run_dir(out, "replay")
+        console.print(f"replaying {src_dir} into {run_dir} (backend {backend})")
+        res = rec.record(resolved, run_dir, backend=backend, arm=arm, emulate=emulate, console=console)
+        _summary(res)
+        code = check_dirs([res.run_dir], expect_file=expect_file, console=console)
+    except LazytraceError as exc:
+        _fail(exc)
+    sys.exit(code)
+
+
 @cli.group(name="kernels")
 def kernels_cmd() -> None:
     """List, fetch and verify guest kernels."""

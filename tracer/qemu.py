@@ -100,7 +100,8 @@ class GuestConfig:
     gdb: bool = False           # open a gdbstub socket
     paused: bool = False        # -S: start stopped (gdb continues it)
     single_thread_tcg: bool = False
-    replay: str | None = None   # None | "record" | "replay"
+    replay: str | None = None   # None | "record" | "replay" (QEMU icount record/replay)
+    replay_file: Path | None = None  # default: <run_dir>/replay.bin
     extra_args: tuple[str, ...] = ()
     extra_cmdline: tuple[str, ...] = ()
 
@@ -143,7 +144,8 @@ def qemu_argv(cfg: GuestConfig, run_dir: Path) -> list[str]:
     if cfg.paused:
         argv += ["-S"]
     if cfg.replay:
-        argv += ["-icount", f"shift=auto,rr={cfg.replay},rrfile={run_dir / 'replay.bin'}"]
+        rrfile = cfg.replay_file or run_dir / "replay.bin"
+        argv += ["-icount", f"shift=auto,rr={cfg.replay},rrfile={rrfile}"]
     argv += [*p.extra_args, *cfg.extra_args]
     return argv
 

@@ -187,3 +187,37 @@ def _finalise_trace(run_dir: Path, m: Manifest, result: RecordResult) -> None:
     m.update(events_recorded=n, events_lost=lost, torn_bytes=torn, recorder=result.stats,
              boot_s=result.boot_s, window_s=result.window_s, workload_status=result.workload_status,
              raw_record_size=rf.RECORD.size)
+
+
+def replay_resolved(src_dir: Path, progress=None) -> Resolved:
+    """Rebuild the exact guest of a ``--replayable`` run, in QEMU replay mode over its ``replay.bin``.
+
+    :raises TraceFormatError: the directory is not a replayable run.
+    :raises KernelError: the cached kernel is not the recorded build (the replay would diverge).
+    """
+    import json
+
+    from .errors import KernelError, TraceFormatError
+    from .runspec import RunSpec
+    from .runspec import resolve as resolve_spec
+
+    src_dir = Path(src_dir)
+    try:
+        man = json.loads((src_dir / schema.MANIFEST_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise TraceFormatError(f"{src_dir}: no readable run.json: {exc}") from exc
+    rr = src_dir / "replay.bin"
+    if not man.get("profile", {}).get("record_replay") or not rr.exists():
+        raise TraceFormatError(f"{src_dir}: not a replayable run (record it with --replayable)")
+    wl = man["workload"]
+    spec = RunSpec(kernel=man["kernel"]["recipe"], profile=man["profile"]["name"], workload=wl["path"],
+                   iterations=wl["iterations"], cpus=wl["cpus"], timeout_s=wl.get("timeout_s"))
+    res = resolve_spec(spec, progress=progress)
+    if res.guest.kernel.build_id != man["kernel"].get("build_id"):
+        raise KernelError(f"{src_dir} was recorded with kernel build-id {man['kernel'].get('build_id')}, "
+                          f"the cache has {res.guest.kernel.build_id}: the replay would diverge")
+    if str(res.guest.initramfs) != man.get("initramfs"):
+        raise TraceFormatError(f"{src_dir}: the workload's initramfs changed since the recording "
+                               f"({man.get('initramfs')} -> {res.guest.initramfs}): the replay would diverge")
+    guest = replace(res.guest, replay="replay", replay_file=rr.resolve())
+    return replace(res, guest=guest)

@@ -56,6 +56,8 @@ class Resolved:
                          "iterations": self.guest.iterations, "cpus": self.guest.cpus,
                          "timeout_s": self.workload_timeout},
             "initramfs": str(self.guest.initramfs),
+            "replay": {"mode": self.guest.replay,
+                       "file": str(self.guest.replay_file) if self.guest.replay_file else None},
         }
 
 
