@@ -121,12 +121,15 @@ def record_options(f):
     f = click.option("--emulate/--step", "emulate", default=None,
                      help="gdb backend: emulate trivially emulable probe instructions (one stop per event) "
                           "or single-step over them (default: the recorder's measured winner)")(f)
+    f = click.option("--icount/--no-icount", default=True, show_default=True,
+                     help="gdb backend: instruction-counted guest time, so stops do not let timer ticks "
+                          "pile up in traced code (the observer effect)")(f)
     f = click.option("--replayable", is_flag=True,
                      help="record under QEMU icount record/replay (forces 1 vCPU: profile tcg-up-replay)")(f)
     return f
 
 
-def _record(spec, backend, arm, emulate, replayable, out, prefix):
+def _record(spec, backend, arm, emulate, replayable, out, prefix, icount=True):
     from . import record as rec
     from . import runspec
     if replayable:
@@ -142,7 +145,8 @@ def _record(spec, backend, arm, emulate, replayable, out, prefix):
         resolved = runspec.resolve(spec, progress=cb)
     run_dir = _run_dir(out, prefix)
     console.print(f"run directory: {run_dir}  (backend {backend}: {why})")
-    return rec.record(resolved, run_dir, backend=backend, arm=arm, emulate=emulate, console=console)
+    return rec.record(resolved, run_dir, backend=backend, arm=arm, emulate=emulate, icount=icount,
+                      console=console)
 
 
 def _summary(res) -> None:
@@ -155,11 +159,12 @@ def _summary(res) -> None:
 @cli.command()
 @guest_options
 @record_options
-def record(kernel, profile, workload, iterations, cpus, timeout_s, out, backend, arm, emulate, replayable) -> None:
+def record(kernel, profile, workload, iterations, cpus, timeout_s, out, backend, arm, emulate, icount,
+           replayable) -> None:
     """Boot the guest under a recorder and write a trace directory (no checking)."""
     try:
         res = _record(_spec(kernel, profile, workload, iterations, cpus, timeout_s), backend, arm, emulate,
-                      replayable, out, "record")
+                      replayable, out, "record", icount)
     except LazytraceError as exc:
         _fail(exc)
     _summary(res)
@@ -186,13 +191,13 @@ def check(trace_dirs, expect_file, no_plots) -> None:
 @record_options
 @click.option("--expect", "expect_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TOML file of accepted known violations (id, site, reason)")
-def run(kernel, profile, workload, iterations, cpus, timeout_s, out, backend, arm, emulate, replayable,
+def run(kernel, profile, workload, iterations, cpus, timeout_s, out, backend, arm, emulate, icount, replayable,
         expect_file) -> None:
     """Record a guest run, then check it: the main job."""
     from analysis.check import check_dirs
     try:
         res = _record(_spec(kernel, profile, workload, iterations, cpus, timeout_s), backend, arm, emulate,
-                      replayable, out, "run")
+                      replayable, out, "run", icount)
         _summary(res)
         code = check_dirs([res.run_dir], expect_file=expect_file, console=console)
     except LazytraceError as exc:
