@@ -12,12 +12,18 @@ Example (``qemu-configs/tcg-smp2.toml``)::
     cpu = "qemu64"
     timeout_scale = 1.0    # multiplies every boot/hang timeout
     record_replay = false  # icount record/replay (QEMU refuses it with smp > 1)
+
+A ``kind = "xen-pv"`` profile boots Debian's Xen hypervisor with the kernel as its PV dom0
+(``qemu-configs/xen-pv-smp2.toml``): ``smp`` and ``memory_mib`` are the machine Xen runs on, ``dom0_vcpus``
+and ``dom0_memory_mib`` what Xen gives dom0, ``xen_package`` / ``xen_version_prefix`` which Debian package
+provides the hypervisor (or ``xen_image``: a self-built 32-bit multiboot Xen image), ``xen_cmdline`` extra
+hypervisor arguments (see :mod:`tracer.xen`).
 """
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from .errors import ConfigError, UnknownNameError
@@ -25,6 +31,10 @@ from .paths import PROFILES_DIR
 
 ACCELS = ("tcg", "kvm", "auto")
 KINDS = ("plain", "xen-pv")
+#: RAM a xen-pv machine keeps outside dom0, for Xen itself (heap, frame table, per-domain structures).
+XEN_RESERVED_MIB = 128
+#: The fields that only mean something for ``kind = "xen-pv"``.
+XEN_FIELDS = ("xen_package", "xen_version_prefix", "xen_image", "xen_cmdline", "dom0_vcpus", "dom0_memory_mib")
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,14 @@ class MachineProfile:
     :param record_replay: run under ``-icount shift=auto,rr=record`` so the run can be replayed exactly.
     :param kind: ``plain`` (Linux directly) or ``xen-pv`` (Linux as dom0 on Xen).
     :param extra_args: extra QEMU arguments appended verbatim (a list, never a shell string).
+    :param xen_package: xen-pv: the Debian package providing the hypervisor, either
+        ``xen-hypervisor-<ver>-amd64`` itself or a meta package depending on one (``xen-system-amd64``).
+    :param xen_version_prefix: xen-pv: accept only package versions starting with this (``""``: apt's candidate).
+    :param xen_image: xen-pv: a local 32-bit multiboot Xen image to boot instead of the package (``""``: none).
+    :param xen_cmdline: xen-pv: extra hypervisor arguments, after lazytrace's own (the last one wins in Xen).
+    :param dom0_vcpus: xen-pv: dom0's vCPUs (``dom0_max_vcpus``), 1-smp; 0 means ``smp``.
+    :param dom0_memory_mib: xen-pv: dom0's memory (``dom0_mem``), at least 128 MiB and
+        :data:`XEN_RESERVED_MIB` below ``memory_mib``.
     """
 
     name: str
@@ -52,6 +70,12 @@ class MachineProfile:
     record_replay: bool = False
     kind: str = "plain"
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    xen_package: str = "xen-system-amd64"
+    xen_version_prefix: str = ""
+    xen_image: str = ""
+    xen_cmdline: tuple[str, ...] = field(default_factory=tuple)
+    dom0_vcpus: int = 0
+    dom0_memory_mib: int = 512
 
     def __post_init__(self) -> None:
         _check_choice("accel", self.accel, ACCELS)
@@ -70,6 +94,39 @@ class MachineProfile:
                               "(QEMU: 'Record/replay is not supported with multiple CPUs')")
         if not all(isinstance(a, str) for a in self.extra_args):
             raise ConfigError(f"bad extra_args: got {self.extra_args!r}, want a list of strings")
+        self._check_xen()
+
+    def _check_xen(self) -> None:
+        if self.kind != "xen-pv":
+            defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory()
+                        for f in fields(self) if f.name in XEN_FIELDS}
+            changed = [n for n in XEN_FIELDS if getattr(self, n) != defaults[n]]
+            if changed:
+                raise ConfigError(f"bad {changed[0]}: only meaningful with kind = 'xen-pv' (got kind {self.kind!r})")
+            return
+        for name in ("xen_package", "xen_version_prefix", "xen_image"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"bad {name}: got {getattr(self, name)!r}, want a string")
+        if not self.xen_image and not self.xen_package:
+            raise ConfigError("bad xen_package: got '', want a Debian package name (or set xen_image)")
+        if not all(isinstance(a, str) and a and " " not in a for a in self.xen_cmdline):
+            raise ConfigError(f"bad xen_cmdline: got {self.xen_cmdline!r}, want a list of single arguments")
+        _check_int("dom0_vcpus", self.dom0_vcpus, 0, self.smp)
+        hi = self.memory_mib - XEN_RESERVED_MIB  # Xen keeps the rest
+        if hi < 128:
+            raise ConfigError(f"bad memory_mib: got {self.memory_mib}, want at least {128 + XEN_RESERVED_MIB} "
+                              f"with kind = 'xen-pv' (dom0 128 MiB + Xen {XEN_RESERVED_MIB} MiB)")
+        _check_int("dom0_memory_mib", self.dom0_memory_mib, 128, hi)
+
+    @property
+    def dom0_vcpu_count(self) -> int:
+        """dom0's vCPUs: ``dom0_vcpus``, or every machine CPU when it is 0."""
+        return self.dom0_vcpus or self.smp
+
+    @property
+    def guest_cpus(self) -> int:
+        """CPUs the workload's kernel sees: the machine's, or dom0's under Xen."""
+        return self.dom0_vcpu_count if self.kind == "xen-pv" else self.smp
 
     @classmethod
     def from_toml(cls, path: Path) -> MachineProfile:
@@ -86,10 +143,11 @@ class MachineProfile:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
-        if "extra_args" in data:
-            if not isinstance(data["extra_args"], list):
-                raise ConfigError(f"{path}: bad extra_args: got {data['extra_args']!r}, want a list of strings")
-            data["extra_args"] = tuple(data["extra_args"])
+        for key in ("extra_args", "xen_cmdline"):
+            if key in data:
+                if not isinstance(data[key], list):
+                    raise ConfigError(f"{path}: bad {key}: got {data[key]!r}, want a list of strings")
+                data[key] = tuple(data[key])
         try:
             return cls(name=path.stem, **data)
         except ConfigError as exc:

@@ -27,8 +27,16 @@ from pathlib import Path
 import pexpect
 import pexpect.fdpexpect
 
-from . import schema
-from .errors import GuestBootError, GuestError, GuestHangError, GuestPanicError, QemuError, ToolMissingError
+from . import schema, xen
+from .errors import (
+    ConfigError,
+    GuestBootError,
+    GuestError,
+    GuestHangError,
+    GuestPanicError,
+    QemuError,
+    ToolMissingError,
+)
 from .kernels import Kernel
 from .profiles import MachineProfile
 
@@ -51,8 +59,13 @@ CONSOLE_TAIL_LINES = 30
 SENTINEL_INIT = "@@LAZYTRACE:INIT@@"
 SENTINEL_START = "@@LAZYTRACE:START@@"
 SENTINEL_END = "@@LAZYTRACE:END@@"
-PANIC_PATTERNS = (r"Kernel panic - not syncing[^\r\n]*", r"BUG: unable to handle[^\r\n]*",
-                  r"general protection fault[^\r\n]*")
+#: Every console pattern ends at a line end: the console arrives in arbitrary chunks (under Xen, as its serial
+#: driver flushes), and "[^\r\n]*" alone would match half a line ("status=1" of "status=127").
+LINE_REST = r"[^\r\n]*(?=[\r\n])"
+PANIC_PATTERNS = (r"Kernel panic - not syncing" + LINE_REST, r"BUG: unable to handle" + LINE_REST,
+                  r"general protection fault" + LINE_REST,
+                  # xen-pv: the hypervisor itself (xen/drivers/char/console.c, panic()) and its reason line
+                  r"\(XEN\) Panic on CPU \d+:\r*\n\(XEN\) " + LINE_REST)
 
 PR_SET_PDEATHSIG = 1
 
@@ -104,10 +117,15 @@ class GuestConfig:
     replay_file: Path | None = None  # default: <run_dir>/replay.bin
     extra_args: tuple[str, ...] = ()
     extra_cmdline: tuple[str, ...] = ()
+    hypervisor: xen.Hypervisor | None = None  # profile kind xen-pv: the verified Xen image
 
 
 def kernel_cmdline(cfg: GuestConfig) -> str:
-    parts = [*BASE_CMDLINE, *cfg.kernel.recipe.cmdline, f"lt.workload={cfg.workload}",
+    """The (dom0) kernel's command line: lazytrace's base, the recipe's, the run config for /init."""
+    base = list(BASE_CMDLINE)
+    if cfg.profile.kind == "xen-pv":  # dom0's console is Xen's hvc0, which Xen copies to the serial port
+        base = [*xen.DOM0_CMDLINE, *(a for a in BASE_CMDLINE if a != "console=ttyS0")]
+    parts = [*base, *cfg.kernel.recipe.cmdline, f"lt.workload={cfg.workload}",
              f"lt.iterations={cfg.iterations}", f"lt.cpus={cfg.cpus}", *cfg.extra_cmdline]
     return " ".join(parts)
 
@@ -127,9 +145,8 @@ def qemu_argv(cfg: GuestConfig, run_dir: Path) -> list[str]:
         "-machine", "pc", "-accel", accel, "-cpu", p.cpu, "-smp", str(p.smp), "-m", f"{p.memory_mib}M",
         # no display, no default devices we do not need
         "-display", "none", "-vga", "none", "-nodefaults", "-no-user-config",
-        # kernel, initramfs, fail fast
-        "-kernel", str(cfg.kernel.bzimage), "-initrd", str(cfg.initramfs),
-        "-append", kernel_cmdline(cfg), "-no-reboot",
+        # kernel, initramfs (or Xen with both as multiboot modules), fail fast
+        *_boot_args(cfg), "-no-reboot",
         # serial console on a unix socket; QEMU waits for lazytrace to connect, so no output is lost
         "-chardev", f"socket,id=con0,path={run_dir / 'console.sock'},server=on,wait=on",
         "-serial", "chardev:con0",
@@ -148,6 +165,16 @@ def qemu_argv(cfg: GuestConfig, run_dir: Path) -> list[str]:
         argv += ["-icount", f"shift=auto,rr={cfg.replay},rrfile={rrfile}"]
     argv += [*p.extra_args, *cfg.extra_args]
     return argv
+
+
+def _boot_args(cfg: GuestConfig) -> list[str]:
+    if cfg.profile.kind == "xen-pv":
+        if cfg.hypervisor is None:
+            raise ConfigError(f"profile {cfg.profile.name} is kind xen-pv but no hypervisor was resolved "
+                              "(tracer.runspec.resolve does it)")
+        return xen.multiboot_args(cfg.hypervisor, cfg.profile, cfg.kernel.bzimage, kernel_cmdline(cfg),
+                                  cfg.initramfs)
+    return ["-kernel", str(cfg.kernel.bzimage), "-initrd", str(cfg.initramfs), "-append", kernel_cmdline(cfg)]
 
 
 class Guest:
@@ -256,7 +283,7 @@ class Guest:
         :raises QemuError: QEMU died (anything but a clean poweroff at the expected time).
         """
         assert self.console is not None
-        patterns = [pattern + r"[^\r\n]*", *PANIC_PATTERNS, pexpect.EOF, pexpect.TIMEOUT]
+        patterns = [pattern + LINE_REST, *PANIC_PATTERNS, pexpect.EOF, pexpect.TIMEOUT]
         limit = timeout * self.scale
         deadline = time.monotonic() + limit
         while True:
@@ -267,7 +294,7 @@ class Guest:
             if 1 <= idx <= len(PANIC_PATTERNS):
                 line = self.console.after.decode(errors="replace")
                 self._drain(2.0)
-                raise GuestPanicError(f"guest panic: {line.strip()}", argv=self.argv, log_tail=self.console_tail(),
+                raise GuestPanicError(f"guest panic: {' '.join(line.split())}", argv=self.argv, log_tail=self.console_tail(),
                                       logs=[str(self.console_log)])
             if patterns[idx] is pexpect.EOF:
                 code = self._wait_exit(2.0)
@@ -296,7 +323,8 @@ class Guest:
         if self._console_log:
             self._console_log.flush()
         try:
-            text = self.console_log.read_text(errors="replace")
+            # bytes, not read_text(): its newline translation would turn Xen's "\r\r\n" into blank lines
+            text = self.console_log.read_bytes().decode(errors="replace")
         except OSError:
             return ""
         return "\n".join(text.replace("\r", "").splitlines()[-lines:])
@@ -331,15 +359,29 @@ class Guest:
         return self.workload_status
 
     def wait_poweroff(self, timeout: float = POWEROFF_TIMEOUT_S) -> int:
-        """Wait for QEMU to exit after the guest's ``poweroff -f``."""
+        """Wait for QEMU to exit after the guest's ``poweroff -f``.
+
+        Under Xen, dom0's ACPI poweroff makes Xen enter S5 and QEMU exits by itself; if Xen halts the
+        machine instead (no ACPI: "Hardware Dom0 halted"), nothing would ever exit, so QEMU is quit over QMP.
+        """
+        halted = [xen.CONSOLE_HALTED] if self.cfg.profile.kind == "xen-pv" else []
         deadline = time.monotonic() + timeout * self.scale
         while self.proc.poll() is None:
             if time.monotonic() > deadline:
                 raise GuestHangError(f"guest did not power off within {timeout * self.scale:.0f} s",
                                      argv=self.argv, log_tail=self.console_tail(), logs=[str(self.console_log)])
             try:
-                self.console.read_nonblocking(65536, timeout=0.2)
-            except (pexpect.TIMEOUT, pexpect.EOF, OSError):
+                idx = self.console.expect([*halted, pexpect.TIMEOUT, pexpect.EOF], timeout=0.2)
+            except OSError:
+                idx = -1
+            if halted and idx == 0:
+                log.info("Xen halted the machine after dom0's poweroff: quitting QEMU over QMP")
+                try:
+                    self.qmp("quit")
+                except (OSError, ValueError) as exc:
+                    log.debug("QMP quit failed: %s", exc)
+                self._wait_exit(QMP_TIMEOUT_S)
+            elif idx != len(halted):  # EOF or a closed socket: QEMU is exiting
                 time.sleep(0.05)
         self.exit_code = self.proc.returncode
         self.state = GuestState.STOPPED
