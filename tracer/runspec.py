@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import initramfs, kernels, profiles, workloads
+from . import initramfs, kernels, profiles, workloads, xen
 from .errors import ConfigError
 from .qemu import GuestConfig
 
@@ -51,7 +51,8 @@ class Resolved:
             "kernel": self.guest.kernel.manifest(),
             "profile": {"name": p.name, "accel": self.guest.accel, "accel_reason": self.accel_reason,
                         "smp": p.smp, "memory_mib": p.memory_mib, "cpu": p.cpu,
-                        "record_replay": p.record_replay},
+                        "record_replay": p.record_replay, "kind": p.kind},
+            "hypervisor": self._hypervisor_manifest(),
             "workload": {"name": self.workload.name, "path": str(self.workload.directory),
                          "iterations": self.guest.iterations, "cpus": self.guest.cpus,
                          "timeout_s": self.workload_timeout},
@@ -59,6 +60,13 @@ class Resolved:
             "replay": {"mode": self.guest.replay,
                        "file": str(self.guest.replay_file) if self.guest.replay_file else None},
         }
+
+    def _hypervisor_manifest(self) -> dict | None:
+        hv, p = self.guest.hypervisor, self.guest.profile
+        if hv is None:
+            return None
+        return {**hv.manifest(), "cmdline": xen.xen_cmdline(p),
+                "dom0": {"vcpus": p.dom0_vcpu_count, "memory_mib": p.dom0_memory_mib}}
 
 
 def resolve(spec: RunSpec, *, gdb: bool = False, paused: bool = False, single_thread_tcg: bool = False,
@@ -73,15 +81,24 @@ def resolve(spec: RunSpec, *, gdb: bool = False, paused: bool = False, single_th
     recipe = kernels.load_recipe(spec.kernel)  # unknown names fail before any download
     wl = workloads.load_workload(spec.workload)
     if spec.cpus != "all":
-        bad = [c for c in spec.cpus.split(",") if int(c) >= profile.smp]
+        bad = [c for c in spec.cpus.split(",") if int(c) >= profile.guest_cpus]
         if bad:
-            raise ConfigError(f"bad cpus: got {spec.cpus!r}, profile {profile.name} has CPUs 0-{profile.smp - 1}")
+            raise ConfigError(f"bad cpus: got {spec.cpus!r}, profile {profile.name} has CPUs "
+                              f"0-{profile.guest_cpus - 1}")
+    # xen-pv: the small hypervisor image first, so a wrong or missing one fails before a kernel download.
+    hypervisor = xen.get_hypervisor(profile, progress=progress) if profile.kind == "xen-pv" else None
     kernel = kernels.get_kernel(recipe.name, progress=progress)
+    if hypervisor is not None:
+        xen.check_dom0_kernel(kernel)
+    if wl.modules:  # built against this kernel's headers, cached by (sources, release)
+        from .modules import initramfs_files
+        extra_files = {**(extra_files or {}), **initramfs_files(wl.modules, kernel)}
     img = initramfs.build_initramfs(wl, extra_files)
     cfg = GuestConfig(
         kernel=kernel, profile=profile, initramfs=img, workload=wl.name,
         iterations=spec.iterations or wl.iterations, cpus=spec.cpus, accel="tcg", gdb=gdb, paused=paused,
         single_thread_tcg=single_thread_tcg, replay="record" if profile.record_replay else None,
+        hypervisor=hypervisor,
     )
     accel, why = resolve_accel(cfg)
     from dataclasses import replace

@@ -9,6 +9,8 @@ A workload is a directory (built-in ones live in ``tracer/workloads/``; ``--work
         c_programs = ["mmstress.c"]     # compiled statically with gcc into /usr/local/bin/<stem>
         programs = ["/usr/bin/stress-ng"]  # host binaries copied to /usr/local/bin, shared libraries too (ldd)
         timeout_s = 600                 # default workload timeout (scaled by the profile)
+        modules = ["lazyviolate"]       # guest-kernels/modules/NAME, built for the run's kernel (tracer.modules)
+                                        # and shipped as /lib/modules/NAME.ko
     files/          optional; copied to the initramfs root as is (files/etc/foo -> /etc/foo)
 
 The workload's exit status is reported in the end sentinel; a non-zero status is a guest fault.
@@ -24,7 +26,7 @@ from .errors import ConfigError, UnknownNameError
 from .paths import WORKLOADS_DIR
 
 DEFAULT_WORKLOAD = "fork-exec"
-_KEYS = {"description", "iterations", "c_programs", "programs", "timeout_s"}
+_KEYS = {"description", "iterations", "c_programs", "programs", "timeout_s", "modules"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class Workload:
     c_programs: tuple[str, ...] = ()
     programs: tuple[str, ...] = ()
     timeout_s: float = 600.0
+    modules: tuple[str, ...] = ()
 
     @property
     def script(self) -> Path:
@@ -79,7 +82,7 @@ def load_workload(name_or_path: str) -> Workload:
     it = meta.get("iterations", 10)
     if not isinstance(it, int) or isinstance(it, bool) or not 1 <= it <= 1_000_000:
         raise ConfigError(f"{toml}: bad iterations: got {it!r}, want 1-1000000")
-    for key in ("c_programs", "programs"):
+    for key in ("c_programs", "programs", "modules"):
         v = meta.get(key, [])
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
             raise ConfigError(f"{toml}: bad {key}: got {v!r}, want a list of strings")
@@ -89,11 +92,18 @@ def load_workload(name_or_path: str) -> Workload:
     for prog in meta.get("programs", []):
         if not Path(prog).exists():
             raise ConfigError(f"{toml}: programs: {prog} does not exist on this host")
+    if meta.get("modules"):
+        from .modules import module_dir
+        for name in meta["modules"]:
+            try:
+                module_dir(name)
+            except UnknownNameError as exc:
+                raise ConfigError(f"{toml}: modules: {exc}") from exc
     timeout = meta.get("timeout_s", 600.0)
     if not isinstance(timeout, (int, float)) or not 1 <= timeout <= 86400:
         raise ConfigError(f"{toml}: bad timeout_s: got {timeout!r}, want 1-86400")
     return Workload(
         name=directory.name, directory=directory, description=meta.get("description", ""), iterations=it,
         c_programs=tuple(meta.get("c_programs", [])), programs=tuple(meta.get("programs", [])),
-        timeout_s=float(timeout),
+        timeout_s=float(timeout), modules=tuple(meta.get("modules", [])),
     )
