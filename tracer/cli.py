@@ -138,6 +138,13 @@ def _record(spec, backend, arm, emulate, replayable, out, prefix, icount=True):
     why = "asked for"
     if backend is None:
         backend, why = rec.default_backend()
+        if backend == "plugin":
+            from .errors import ToolMissingError
+            from .plugin_build import ensure_plugin
+            try:
+                ensure_plugin()
+            except ToolMissingError as exc:
+                backend, why = "gdb", f"the TCG plugin cannot be built: {exc.message}"
         if backend == "gdb":
             log.warning("using the gdb backend: %s", why)
     prog, cb = download_progress()
