@@ -9,7 +9,7 @@ SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive
 
 codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-unknown}")
-pkgs=(gdb busybox-static cpio gcc libc6-dev libglib2.0-dev pkg-config dpkg-dev file python3-venv xz-utils)
+pkgs=(gdb busybox-static cpio gcc make libc6-dev libglib2.0-dev pkg-config dpkg-dev file python3-venv xz-utils)
 qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -1; }
 
 missing=()
