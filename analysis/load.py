@@ -6,7 +6,8 @@ and the trace is marked partial. Anything that cannot be read as a trace is refu
 :class:`tracer.errors.TraceFormatError` naming what *is* there (the columns, the types, the files, the keys).
 
 Columns: :data:`tracer.schema.COLUMNS`. Extra columns in a file are kept; a missing one or one of a
-different type is an error. ``site``/``comm`` are loaded as pandas ``string`` backed by Arrow
+different type is an error, except a missing :data:`tracer.schema.OPTIONAL_COLUMNS` column (``lazy_mmu``,
+added for Xen PV after the first traces were written), which is added all-null. ``site``/``comm`` are loaded as pandas ``string`` backed by Arrow
 (``string[pyarrow]``, equal to the schema's ``"string"``): one buffer instead of a Python object per row.
 """
 
@@ -163,10 +164,12 @@ def _check_arrow_schema(path: Path, sch: pa.Schema) -> None:
     """Refuse a parquet file whose columns or types differ from :data:`tracer.schema.ARROW_SCHEMA`."""
     present = {f.name: f.type for f in sch}
     have = ", ".join(f"{n}:{t}" for n, t in present.items())
-    missing = [c for c in schema.COLUMNS if c not in present]
+    missing = [c for c in schema.COLUMNS if c not in present and c not in schema.OPTIONAL_COLUMNS]
     if missing:
         raise TraceFormatError(f"{path}: missing column(s) {', '.join(missing)} (file has: {have})")
     for want in schema.ARROW_SCHEMA:
+        if want.name not in present:  # an optional column an older trace lacks: added all-null on read
+            continue
         got = present[want.name]
         if want.name == "event":
             ok = (pa.types.is_dictionary(got) and got.value_type in _STRING_TYPES) or got in _STRING_TYPES
@@ -192,6 +195,11 @@ def _column(name: str, arr: pa.ChunkedArray) -> pd.Series | pd.api.extensions.Ex
     if arr.null_count:
         raise TraceFormatError(f"column {name} has {arr.null_count} nulls, but {dtype} is not nullable")
     return arr.to_numpy().astype(dtype, copy=False)
+
+
+def _null_column(name: str, n: int) -> pd.api.extensions.ExtensionArray:
+    """An all-null optional column (:data:`tracer.schema.OPTIONAL_COLUMNS`) for a trace recorded before it existed."""
+    return pd.array([pd.NA] * n, dtype=schema.COLUMNS[name])
 
 
 def _event_column(arr: pa.ChunkedArray) -> pd.Categorical:
@@ -234,7 +242,8 @@ def read_parquet(path: Path) -> pd.DataFrame:
     cols: dict[str, Any] = {}
     try:
         for name in schema.COLUMNS:
-            cols[name] = _column(name, table.column(name))
+            cols[name] = _column(name, table.column(name)) if name in table.column_names else \
+                _null_column(name, table.num_rows)
     except TraceFormatError as exc:
         raise TraceFormatError(f"{path}: {exc.message}") from exc
     df = pd.DataFrame(cols, copy=False)
@@ -251,6 +260,9 @@ def validate_frame(df: pd.DataFrame, *, where: str = "<frame>") -> pd.DataFrame:
 
     :raises TraceFormatError: a column is missing or has an incompatible dtype.
     """
+    absent = [c for c in schema.OPTIONAL_COLUMNS if c not in df.columns]
+    if absent:
+        df = df.assign(**{c: _null_column(c, len(df)) for c in absent})
     missing = [c for c in schema.COLUMNS if c not in df.columns]
     have = ", ".join(f"{c}:{df[c].dtype}" for c in df.columns)
     if missing:

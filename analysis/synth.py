@@ -95,6 +95,7 @@ def synth_events(cfg: SynthConfig = SynthConfig()) -> pd.DataFrame:
             "pteval": pd.arrays.IntegerArray(cols["pteval"], ev != _C["set_pte"]),
             "mm_is_init": pd.arrays.BooleanArray(cols["mm_init"], ~mm_known),
             "next_pid": pd.arrays.IntegerArray(cols["next_pid"], ~is_switch),
+            "lazy_mmu": pd.arrays.BooleanArray(np.zeros(n, bool), np.ones(n, bool)),  # native: unknown
         }
     )
     return df
@@ -197,7 +198,7 @@ def _cpu_stream(rng: np.random.Generator, cfg: SynthConfig, cpu: int, n: int) ->
 EVENT_DEFAULTS: dict[str, object] = {
     "t_ns": None, "cpu": 0, "vcpu": None, "site": "native_set_pte", "pc": 0xFFFFFFFF81000000,
     "preempt_count": 1, "need_resched": False, "irqs_on": True, "pid": 100, "comm": "sh", "ptep": None,
-    "pteval": None, "mm_is_init": None, "next_pid": None,
+    "pteval": None, "mm_is_init": None, "next_pid": None, "lazy_mmu": None,
 }
 
 

@@ -68,8 +68,10 @@ def _region_is_kernel(enter: dict) -> bool:
 
 def _events(df: pd.DataFrame):
     """The events as plain dicts in seq order (missing values as None), one at a time."""
-    cols = ["seq", "cpu", "vcpu", "event", "site", "preempt_count", "irqs_on", "pid", "mm_is_init"]
-    data = {c: df[c].astype(object).where(df[c].notna(), None).tolist() for c in cols}
+    cols = ["seq", "cpu", "vcpu", "event", "site", "preempt_count", "irqs_on", "pid", "mm_is_init", "lazy_mmu"]
+    n = len(df)
+    data = {c: df[c].astype(object).where(df[c].notna(), None).tolist() if c in df.columns else [None] * n
+            for c in cols}  # lazy_mmu may be absent (optional column)
     order = sorted(range(len(df)), key=data["seq"].__getitem__)
     for i in order:
         e = {c: data[c][i] for c in cols}
@@ -81,7 +83,8 @@ def _events(df: pd.DataFrame):
 def check_oracle(df: pd.DataFrame, *, windowed: bool = False, partial: bool = False) -> OracleResult:
     """Check every invariant with one loop over the events."""
     checked = {k: 0 for k in ("LAZY-PREEMPT", "LAZY-PAIRING", "LAZY-NO-SWITCH", "LAZY-SETPTE-ATOMIC",
-                              "KMAP-ATOMIC-PREEMPT", "SYNC-IRQS-OFF", "KERNEL-UPDATE-FLUSHED", "IRQ-IN-LAZY")}
+                              "KMAP-ATOMIC-PREEMPT", "SYNC-IRQS-OFF", "KERNEL-UPDATE-FLUSHED", "IRQ-IN-LAZY",
+                              "XEN-LAZY-STATE")}
     found: set[tuple[str, int, str, str]] = set()
 
     def bug(inv: str, e: dict, site: str, what: str) -> None:
@@ -104,6 +107,17 @@ def check_oracle(df: pd.DataFrame, *, windowed: bool = False, partial: bool = Fa
         cpu = cpus[e["stream"]]
         region = cpu.region
         kind = e["event"]
+
+        # XEN-LAZY-STATE: the per-CPU lazy state read before the event vs the region bookkeeping
+        if e["lazy_mmu"] is not None:
+            checked["XEN-LAZY-STATE"] += 1
+            opening = kind == "lazy_enter" and region is None
+            if opening and e["lazy_mmu"]:
+                bug("XEN-LAZY-STATE", e, e["site"], "CPU already MMU-lazy at the lazy enter in {site}")
+            elif not opening and region is not None and not e["lazy_mmu"]:
+                bug("XEN-LAZY-STATE", e, region.site, "CPU not MMU-lazy inside a lazy region entered in {site}")
+            elif not opening and region is None and e["lazy_mmu"]:
+                bug("XEN-LAZY-STATE", e, e["site"], "CPU MMU-lazy outside any lazy region at {site}")
 
         if kind == "lazy_enter":
             checked["LAZY-PREEMPT"] += 1

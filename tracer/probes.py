@@ -23,6 +23,24 @@ Why these probes (the paravirt lazy MMU design, ``arch/x86/include/asm/paravirt.
 * a *hook* (records nothing) at ``__apply_to_page_range`` entry that remembers the ``mm`` argument per task,
   so a lazy enter inlined into ``apply_to_pte_range`` knows whether it runs on ``init_mm``: upstream dropped
   the preemption rule for exactly that case in v6.15, 691ee97e1a9d ("mm: fix lazy mmu docs and usage").
+
+Xen PV (optional probes: absent or never hit on a plain kernel, so native traces are unchanged):
+
+* ``xen_set_pte`` is ``pv_ops.mmu.set_pte`` under Xen (``arch/x86/xen/mmu_pv.c``): batched into a multicall
+  inside a lazy region, an immediate ``mmu_update`` hypercall outside. It never calls ``native_set_pte``, and
+  the inlined ``native_set_pte`` copies (``zap_pte_range``) still fire as direct writes that trap to Xen,
+  so no PTE write is counted twice. ``xen_ptep_modify_prot_commit`` is ``pv_ops.mmu.ptep_modify_prot_commit``
+  (``change_pte_range``, mprotect): on native that path ends in ``native_set_pte``, under Xen in a multicall
+  entry instead, so it is a ``set_pte`` here. The pv-op takes four arguments (``__ptep_modify_prot_commit``
+  drops ``old_pte``): ptep = rdx, pte = rcx (measured: reading r8, the 5th argument of the C wrapper,
+  gave garbage).
+* The lazy pv-op targets (``paravirt_enter_lazy_mmu``, ``xen_leave_lazy_mmu``) are deliberately NOT probed:
+  each is reached only through an inline ``arch_enter/leave_lazy_mmu_mode`` site that already records the
+  lazy_enter/lazy_leave, so probing them would count every transition twice. Their effect is recorded
+  instead: under Xen the plugin reads the per-CPU ``paravirt_lazy_mode`` into the ``lazy_mmu`` column of
+  every event (checked against the regions by ``XEN-LAZY-STATE``).
+* ``xen_mc_flush`` (the multicall flush) is not probed: it fires tens of thousands of times per run, mostly
+  from context switches and TLB flushes (DESIGN.md, Xen PV facts), and carries no lazy-MMU information.
 """
 
 from __future__ import annotations
@@ -110,6 +128,12 @@ PROBES: tuple[Probe, ...] = (
     Probe("native_set_pte", "native_set_pte", "set_pte", True,
           entry_reads={"ptep": "rdi", "pteval": "rsi"}, inline_store=True,
           doc="every native PTE write: the pv_ops.mmu.set_pte target and its inlined copies"),
+    Probe("xen_set_pte", "xen_set_pte", "set_pte", False,
+          entry_reads={"ptep": "rdi", "pteval": "rsi"},
+          doc="Xen PV pv_ops.mmu.set_pte: multicall-batched in a lazy region, a hypercall outside"),
+    Probe("xen_ptep_modify_prot_commit", "xen_ptep_modify_prot_commit", "set_pte", False,
+          entry_reads={"ptep": "rdx", "pteval": "rcx"},
+          doc="Xen PV pv_ops.mmu.ptep_modify_prot_commit (mprotect's PTE write): a multicall entry"),
     Probe("arch_enter_lazy_mmu_mode", "arch_enter_lazy_mmu_mode", "lazy_enter", True,
           mm_slot_under=("__apply_to_page_range",),
           doc="lazy MMU enter (inline PVOP site, NOP-patched on bare metal)"),

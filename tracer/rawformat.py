@@ -38,3 +38,9 @@ F_PTEP = 0x02
 F_PTEVAL = 0x04
 F_MM_KNOWN = 0x08
 F_MM_INIT = 0x10
+#: The per-CPU ``paravirt_lazy_mode`` was read (Xen PV only: on a native guest the lazy ops are NOP-patched
+#: and the variable stays 0, so it is not read there). Trace column ``lazy_mmu`` is null without it.
+F_LAZY_KNOWN = 0x20
+#: ... and it was ``PARAVIRT_LAZY_MMU`` (1); ``PARAVIRT_LAZY_CPU`` (2, inside a context switch) and
+#: ``PARAVIRT_LAZY_NONE`` (0) both leave this clear.
+F_LAZY_MMU = 0x40

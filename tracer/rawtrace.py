@@ -109,13 +109,20 @@ def raw_to_frame(recs: np.ndarray, locations: list[dict]) -> pd.DataFrame:
             "pteval": pd.arrays.IntegerArray(recs["pteval"].astype("uint64"), (flags & rf.F_PTEVAL) == 0),
             "mm_is_init": pd.arrays.BooleanArray((flags & rf.F_MM_INIT) != 0, ~mm_known),
             "next_pid": pd.arrays.IntegerArray(next_pid.astype("int32"), ~is_switch),
+            "lazy_mmu": pd.arrays.BooleanArray((flags & rf.F_LAZY_MMU) != 0, (flags & rf.F_LAZY_KNOWN) == 0),
         }
     )
     return schema.coerce(df)
 
 
 def write_parquet(df: pd.DataFrame, path: Path) -> None:
-    """Write an events frame as ``trace.parquet`` with :data:`tracer.schema.ARROW_SCHEMA`."""
+    """Write an events frame as ``trace.parquet`` with :data:`tracer.schema.ARROW_SCHEMA`.
+
+    A frame without an optional column (:data:`tracer.schema.OPTIONAL_COLUMNS`) gets it all-null.
+    """
+    absent = [c for c in schema.OPTIONAL_COLUMNS if c not in df.columns]
+    if absent:
+        df = df.assign(**{c: pd.array([pd.NA] * len(df), dtype=schema.COLUMNS[c]) for c in absent})
     table = pa.Table.from_pandas(df, schema=schema.ARROW_SCHEMA, preserve_index=False)
     tmp = Path(path).with_suffix(".parquet.tmp")
     pq.write_table(table, tmp, compression="zstd")

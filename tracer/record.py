@@ -117,7 +117,12 @@ def _record_gdb(resolved, run_dir, syms, arm, emulate, icount, m, result, tick, 
     has_icount = cfg.replay is not None or "-icount" in cfg.profile.extra_args
     if icount and not has_icount:
         cfg = replace(cfg, extra_args=(*cfg.extra_args, *GDB_ICOUNT_ARGS))
-    m.update(gdb_icount=icount or has_icount)
+    m.update(gdb_icount=icount or has_icount, irq_source=IRQ_SOURCES["eflags"])
+    if cfg.profile.kind == "xen-pv":
+        # the in-gdb collector reads eflags.IF, which a PV guest cannot clear: irqs_on is always true there
+        log.warning("gdb backend under Xen PV: irqs_on comes from eflags.IF, meaningless in a PV guest "
+                    "(use --backend plugin, which reads evtchn_upcall_mask and the per-CPU lazy state)")
+        m.update(irq_source_warning="eflags.IF is meaningless in a Xen PV guest: irqs_on is not the interrupt mask")
     slowdown = GDB_BOOT_SLOWDOWN if arm == "boot" else 1.0
     with contextlib.ExitStack() as stack:
         guest = stack.enter_context(Guest(run_dir, cfg, slowdown=slowdown))
@@ -153,8 +158,9 @@ def _record_plugin(resolved, run_dir, syms, arm, m, result, tick, phase) -> None
     from .plugin_recorder import PluginRecorder
 
     so = ensure_plugin()
-    rec = PluginRecorder(syms, run_dir, arm=arm, plugin=so) if _takes_plugin(PluginRecorder) else \
-        PluginRecorder(syms, run_dir, arm=arm)
+    irq = plugin_irq_mode(resolved.guest.profile.kind)
+    m.update(irq_source=IRQ_SOURCES[irq])
+    rec = PluginRecorder(syms, run_dir, arm=arm, plugin=so, irq=irq)
     cfg = replace(resolved.guest, extra_args=tuple(resolved.guest.extra_args) + tuple(rec.qemu_args()))
     with Guest(run_dir, cfg) as guest:
         m.update(qemu={"version": qemu_version(), "argv": guest.argv})
@@ -176,9 +182,20 @@ def _record_plugin(resolved, run_dir, syms, arm, m, result, tick, phase) -> None
     result.stats = rec.finish()
 
 
-def _takes_plugin(cls) -> bool:
-    import inspect
-    return "plugin" in inspect.signature(cls).parameters
+#: Where the plugin reads a record's interrupt state, per plugin ``irq`` mode (recorded in the manifest).
+IRQ_SOURCES = {
+    "eflags": "eflags.IF",
+    "xen": "evtchn_upcall_mask (u8 at *(gs_base + &xen_vcpu) + 1); per-CPU paravirt_lazy_mode read too",
+}
+
+
+def plugin_irq_mode(profile_kind: str) -> str:
+    """The plugin's ``irq`` mode for a profile kind.
+
+    A Xen PV guest runs in ring 3 with eflags.IF always set: its interrupt mask is the event-channel upcall
+    mask in its ``vcpu_info`` (``arch/x86/xen/irq.c``, ``xen_save_fl``), so ``xen-pv`` reads that instead.
+    """
+    return "xen" if profile_kind == "xen-pv" else "eflags"
 
 
 def _finalise_trace(run_dir: Path, m: Manifest, result: RecordResult) -> None:

@@ -60,7 +60,13 @@ COLUMNS: dict[str, object] = {
     "pteval": "UInt64",
     "mm_is_init": "boolean",
     "next_pid": "Int32",
+    "lazy_mmu": "boolean",
 }
+
+#: Columns added after :data:`SCHEMA_VERSION` 1 was first written: a trace without one still loads, with the
+#: column all-null (:func:`coerce`, ``analysis.load``). ``lazy_mmu``: the guest's own per-CPU lazy state
+#: (``paravirt_lazy_mode == PARAVIRT_LAZY_MMU``) at the event, known only under Xen PV (plugin backend).
+OPTIONAL_COLUMNS: tuple[str, ...] = ("lazy_mmu",)
 
 #: The same schema for pyarrow (what trace.parquet holds on disk).
 ARROW_SCHEMA = pa.schema(
@@ -81,6 +87,7 @@ ARROW_SCHEMA = pa.schema(
         ("pteval", pa.uint64()),
         ("mm_is_init", pa.bool_()),
         ("next_pid", pa.int32()),
+        ("lazy_mmu", pa.bool_()),
     ]
 )
 
@@ -104,8 +111,13 @@ def empty_frame() -> pd.DataFrame:
 def coerce(df: pd.DataFrame) -> pd.DataFrame:
     """Cast a frame with all schema columns to the schema's dtypes (columns in schema order).
 
-    :raises KeyError: a schema column is missing.
+    A missing :data:`OPTIONAL_COLUMNS` column is added all-null.
+
+    :raises KeyError: a required schema column is missing.
     """
+    absent = [c for c in OPTIONAL_COLUMNS if c not in df.columns]
+    if absent:
+        df = df.assign(**{c: pd.array([pd.NA] * len(df), dtype=COLUMNS[c]) for c in absent})
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise KeyError(f"missing trace columns: {', '.join(missing)}")

@@ -59,6 +59,7 @@ event_st = st.fixed_dictionaries({
     "irqs_on": st.booleans(),
     "pid": st.sampled_from([100, 101, 102]),
     "mm_is_init": st.sampled_from([None, True, False]),
+    "lazy_mmu": st.sampled_from([None, True, False]),
 })
 
 
