@@ -60,7 +60,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 
 # The default guest kernel (download + unpack + verify; a no-op when cached).
-say "guest kernel: $(.venv/bin/lazytrace kernels fetch "${LAZYTRACE_KERNEL:-debian-cloud}" | tail -1)"
+say "guest kernel ${LAZYTRACE_KERNEL:-debian-cloud}"
+.venv/bin/lazytrace kernels fetch "${LAZYTRACE_KERNEL:-debian-cloud}"
 
 # The TCG plugin (built against this QEMU's plugin header), if the plugin recorder is present.
 if [ -f tracer/plugin_build.py ]; then

@@ -293,6 +293,7 @@ def fetch(recipe: KernelRecipe, *, progress: Callable[[str, int, int], None] | N
     """
     res = resolve(recipe)
     release = res.abi
+    kernels_cache().mkdir(parents=True, exist_ok=True)
     d = kernels_cache() / release
     info_path = d / "kernel.json"
     if info_path.exists():
@@ -323,6 +324,7 @@ def fetch(recipe: KernelRecipe, *, progress: Callable[[str, int, int], None] | N
         }
         info["release"] = release
         (tmp / "kernel.json").write_text(json.dumps(info, indent=2))
+        tmp.chmod(0o755)
         if d.exists():
             shutil.rmtree(d)
         tmp.rename(d)

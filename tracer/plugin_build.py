@@ -449,3 +449,22 @@ def select_backend(requested: str | None = None, qemu: str = QEMU_BINARY) -> Bac
         return BackendChoice("plugin", f"default: {why}")
     log.warning("TCG plugin backend unavailable (%s): falling back to the gdb backend", why)
     return BackendChoice("gdb", f"fallback: plugin unavailable: {why}")
+
+
+def main() -> int:
+    """``python -m tracer.plugin_build``: build (or find cached) the plugin for the installed QEMU (set-up step)."""
+    ok, why = plugin_supported()
+    if not ok:
+        print(f"TCG plugin not supported: {why}")
+        return 1
+    try:
+        so = ensure_plugin()
+    except ToolMissingError as exc:
+        print(f"TCG plugin not built: {exc}")
+        return 1
+    print(f"TCG plugin: {so} ({why})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
