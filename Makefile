@@ -11,7 +11,10 @@ setup:
 run: setup
 	.venv/bin/lazytrace run
 
+# The real-guest tests run on both cloud kernels (6.1 and 6.12): fetch them first (idempotent).
 test: setup
+	.venv/bin/lazytrace kernels fetch debian-6.1-cloud
+	.venv/bin/lazytrace kernels fetch debian-6.12-cloud
 	LAZYTRACE_VM_TESTS=1 .venv/bin/pytest -v
 
 bench: setup

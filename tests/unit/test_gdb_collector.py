@@ -70,14 +70,14 @@ def fake_symbols(addr: dict[str, int], banner: str = BANNER) -> Symbols:
 
 
 def run_traced(tmp_path: Path, fake_kernel, *, arm: str = "marker", emulate: bool = False,
-               banner: str = BANNER) -> tuple[dict, object, str]:
+               banner: str = BANNER, xen_domain_type: int = 0) -> tuple[dict, object, str]:
     """Run the fake kernel under the recorder; :returns: (stats, frame, the program's output)."""
     exe, addr = fake_kernel
     trace = tmp_path / "trace"
     out = tmp_path / "ptes.txt"
     syms = fake_symbols(addr, banner)
     with GdbSession(exe, None, tmp_path / "gdb.log") as gdb:
-        gdb.mi(f"-exec-arguments {out}")
+        gdb.mi(f"-exec-arguments {out} {xen_domain_type}")
         gdb.mi("-break-insert -t main")
         gdb.mi("-break-insert done")
         gdb.run()
@@ -147,6 +147,14 @@ def test_emulation_changes_nothing_the_program_sees(tmp_path, fake_kernel):
     # 6 stores + 6 lazy NOPs + 3 sethostname NOPs (the ignored length too); push %r15, call and the
     # __set_task_comm hook are stepped
     assert s2["emulated"] == 15
+
+
+def test_no_store_emulation_under_xen_pv(tmp_path, fake_kernel):
+    # a PTE store under Xen PV traps to Xen: writing it from the debugger would bypass Xen
+    st, df, out = run_traced(tmp_path, fake_kernel, emulate=True, xen_domain_type=1)
+    assert st["emulated"] == 9  # the NOPs only
+    assert "pte[5]=0x8000000000005067" in out
+    assert (df["event"] == "set_pte").sum() == 6
 
 
 def test_wrong_banner_is_refused(tmp_path, fake_kernel):

@@ -48,6 +48,8 @@ FLUSH_INTERVAL_S = 0.5
 #: Error messages kept as evidence (the count is in ``lost``).
 MAX_ERRORS = 20
 EFLAGS_IF = 1 << 9
+#: include/xen/xen.h enum xen_domain_type
+XEN_PV_DOMAIN = 1
 #: Event codes (mirrors tracer.schema.EVENTS; checked by the host against the schema at load).
 EVENTS = ("set_pte", "lazy_enter", "lazy_leave", "lazy_flush", "kmap_atomic", "kmap_local",
           "sync_kernel_mappings", "switch", "marker")
@@ -162,6 +164,7 @@ class Collector:
         self.dirty = set()
         self.comm_hook_hits = 0
         self.emul = {}           # pc -> ("nop", len) | ("store", len) | None
+        self.stores_ok = None    # PTE stores emulable? (decided at the first classification)
         # output
         self.fd = os.open(self.raw_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         size = os.fstat(self.fd).st_size
@@ -343,11 +346,27 @@ class Collector:
         code = bytes(self.inf.read_memory(bp.pc, length))
         if code.startswith(NOP_PREFIXES) and _nop_len(code) == length:
             return ("nop", length, None)
+        if not self._stores_emulable():
+            return None
         stores = [loc for loc in bp.locs
                   if loc.ptep is not None and loc.pteval is not None and not isinstance(loc.ptep, int)]
         if stores and len(bp.locs) == 1 and not bp.hooks and _is_store(code):
             return ("store", length, stores[0])
         return None
+
+    def _stores_emulable(self):
+        """PTE stores may be performed by a debug write only where the guest owns its page tables: not
+        under Xen PV (``xen_domain_type == XEN_PV_DOMAIN``), where a native_set_pte store traps to Xen."""
+        if self.stores_ok is None:
+            addr = self.cfg.get("xen_domain_type")
+            if addr is None:
+                self.stores_ok = True  # no CONFIG_XEN: native
+            else:
+                try:
+                    self.stores_ok = _u32(bytes(self.inf.read_memory(addr, 4)), 0) != XEN_PV_DOMAIN
+                except gdb.MemoryError:
+                    self.stores_ok = False
+        return self.stores_ok
 
     # -- output ----------------------------------------------------------------------------------------
 
@@ -383,6 +402,7 @@ class Collector:
             "stops": self.stops,
             "stop_s": self.stop_ns / 1e9,
             "emulated": self.emulated,
+            "stores_emulable": self.stores_ok,
             "markers": self.marks,
             "armed": self.armed,
             "errors": self.errors,
