@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import TEST_WORKLOADS
 
 pytestmark = pytest.mark.vm
