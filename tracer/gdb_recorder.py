@@ -46,12 +46,16 @@ COLLECTOR_LOAD_TIMEOUT_S = 60.0
 #: Final flush, stats and breakpoint removal.
 COLLECTOR_STOP_TIMEOUT_S = 30.0
 ARM_MODES = ("marker", "boot")
-#: Emulate the probe sites' NOPs and PTE stores (one debug stop per event instead of two). Measured with
-#: bench/trace_throughput on this 2-core host, same guest and workload, interleaved: emulate/full events/s
-#: 1.20, 1.10, 1.06, 1.05 in four paired phases (never slower); QEMU's re-translation after each resume, not
-#: the stop count, dominates, hence the modest gain. tests/vm/test_gdb_record.py checks that the guest runs
-#: the same with it (same sites, balanced regions, same workload output); never stores under Xen PV.
-EMULATE_DEFAULT = True
+#: Emulate the probe sites' NOPs and PTE stores (one debug stop per event instead of two)? Measured with
+#: bench/trace_throughput on this 2-core host (same guest, workload and sites, modes interleaved), emulate/full
+#: events/s: without icount 1.20, 1.10, 1.06, 1.05; with ``-icount shift=3,sleep=on`` -- what
+#: ``lazytrace record --backend gdb`` runs -- 0.98, 1.04, 0.88, 1.04 (a tie). QEMU's re-translation after each
+#: resume, not the stop count, dominates; and an emulated event costs gdb a register write (``P``), a register
+#: refetch (``g``), a stack read for the frame and, for a store, a memory write (``M``). With no win where the
+#: CLI runs, the default is the path that never writes into the guest. Emulation stays available and is
+#: checked equivalent by tests/vm/test_gdb_record.py (same sites, balanced regions, same workload output);
+#: it never performs a PTE store under Xen PV.
+EMULATE_DEFAULT = False
 #: Every rename of a task goes through it: __set_task_comm(tsk, buf, exec) (fs/exec.c).
 COMM_HOOK_EXPR = "&__set_task_comm"
 #: ``enum xen_domain_type`` (include/xen/xen.h): under Xen PV the page tables are read-only to the guest and
