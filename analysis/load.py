@@ -6,7 +6,7 @@ and the trace is marked partial. Anything that cannot be read as a trace is refu
 :class:`tracer.errors.TraceFormatError` naming what *is* there (the columns, the types, the files, the keys).
 
 Columns: :data:`tracer.schema.COLUMNS`. Extra columns in a file are kept; a missing one or one of a
-different type is an error, except a missing :data:`tracer.schema.OPTIONAL_COLUMNS` column (``lazy_mmu``,
+different type is an error, except a missing :data:`tracer.schema.OPTIONAL_COLUMNS` column (``lazy_mmu``, ``lazy_mode``, ``mc_pending``,
 added for Xen PV after the first traces were written), which is added all-null. ``site``/``comm`` are loaded as pandas ``string`` backed by Arrow
 (``string[pyarrow]``, equal to the schema's ``"string"``): one buffer instead of a Python object per row.
 """
@@ -190,7 +190,7 @@ def _column(name: str, arr: pa.ChunkedArray) -> pd.Series | pd.api.extensions.Ex
         if pa.types.is_dictionary(arr.type):
             arr = arr.cast(pa.large_string())
         return pd.StringDtype("pyarrow").__from_arrow__(arr)
-    if dtype in ("UInt64", "Int32", "boolean"):
+    if dtype in ("UInt64", "Int32", "UInt8", "boolean"):
         return pd.api.types.pandas_dtype(dtype).__from_arrow__(arr)
     if arr.null_count:
         raise TraceFormatError(f"column {name} has {arr.null_count} nulls, but {dtype} is not nullable")

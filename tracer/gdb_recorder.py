@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import schema
-from .errors import GdbError, KernelError
+from .errors import ConfigError, GdbError, KernelError
 from .gdb_session import GdbSession, GdbState
 from .symbols import Symbols
 
@@ -83,10 +83,14 @@ class GdbRecorder:
     :param mode: ``"full"`` records events; ``"count"`` only counts stops (the benchmark floor).
     :param text_base: the banner is checked once the boot CPU runs at or above this address (the kernel's
         high mapping; the fake-kernel tests pass 0).
+    :param xen: per-CPU offsets for a Xen PV guest (:func:`tracer.plugin_recorder.extra_percpu_offsets`:
+        ``pcpu_xen_vcpu`` required, ``pcpu_lazy_mode``/``pcpu_mc_buffer`` optional): the collector then reads
+        the virtual interrupt flag, the lazy mode and the multicall fill, like the plugin's ``irq xen``.
     """
 
     def __init__(self, gdb: GdbSession, symbols: Symbols, trace_dir: Path, *, arm: str = "marker",
-                 emulate: bool = EMULATE_DEFAULT, mode: str = "full", text_base: int = KERNEL_TEXT_MAP) -> None:
+                 emulate: bool = EMULATE_DEFAULT, mode: str = "full", text_base: int = KERNEL_TEXT_MAP,
+                 xen: dict[str, int] | None = None) -> None:
         if arm not in ARM_MODES:
             raise ValueError(f"bad arm: got {arm!r}, want one of {', '.join(ARM_MODES)}")
         if mode not in ("full", "count"):
@@ -97,6 +101,10 @@ class GdbRecorder:
         self.arm = arm
         self.emulate = emulate
         self.mode = mode
+        if xen is not None and "pcpu_xen_vcpu" not in xen:
+            raise ConfigError("a Xen PV guest needs the per-CPU xen_vcpu offset: this vmlinux has no xen_vcpu "
+                              "symbol (is it a CONFIG_XEN_PV kernel?)")
+        self.xen = xen
         self.raw_path = self.trace_dir / schema.RAW_FILE
         self.started = False
         self.stopped = False
@@ -138,6 +146,7 @@ class GdbRecorder:
             "events": list(schema.EVENTS),
             "comm_hooks": self._comm_hooks(),
             "xen_domain_type": self._address_of(XEN_DOMAIN_TYPE_EXPR),
+            "xen": self.xen,
         }
         cfg_path = self.trace_dir / COLLECTOR_CONFIG
         cfg_path.write_text(json.dumps(cfg))

@@ -18,12 +18,13 @@ C: one directive per line, documented at the top of ``lazytrace.c`` and produced
 from the ``reads`` vocabulary of :mod:`tracer.symbols`. Reads the plugin cannot express raise
 :class:`tracer.errors.ConfigError` rather than silently recording less.
 
-Xen PV (``irq="xen"``) needs two extras beyond :attr:`tracer.symbols.Symbols.offsets`, read from the vmlinux
-symbol table and cached per build-id: ``xen_vcpu`` (a PV guest's interrupt state is ``evtchn_upcall_mask``,
-u8 at ``*(gs_base + xen_vcpu) + 1``; eflags.IF means nothing there) and the per-CPU ``paravirt_lazy_mode``
-(6.1 ``CONFIG_PARAVIRT_XXL``), recorded as raw flag bits :data:`F_LAZY_KNOWN`/:data:`F_LAZY_MMU` (no schema
-column yet). On a native guest the lazy ops are NOP-patched, ``paravirt_lazy_mode`` stays 0 (measured: 0 of
-42,590 set_pte on 6.1), so it is not read there; 6.12 has no such per-CPU variable outside Xen.
+Xen PV (``irq="xen"``) needs three extras beyond :attr:`tracer.symbols.Symbols.offsets`, read from the
+vmlinux symbol table and cached per build-id: ``xen_vcpu`` (a PV guest's interrupt state is
+``evtchn_upcall_mask``, u8 at ``*(gs_base + xen_vcpu) + 1``; eflags.IF means nothing there), the per-CPU
+lazy mode (``paravirt_lazy_mode`` in 6.1, ``xen_lazy_mode`` from 6.2) into the ``lazy_mode``/``lazy_mmu``
+columns, and the per-CPU multicall buffer ``mc_buffer`` (its first field ``mcidx`` into ``mc_pending``).
+On a native guest the lazy ops are NOP-patched, ``paravirt_lazy_mode`` stays 0 (measured: 0 of 42,590
+set_pte on 6.1), so none of them is read there.
 """
 
 from __future__ import annotations
@@ -55,16 +56,18 @@ DEFAULT_FLUSH_MS = 200
 ARM_MODES = ("marker", "boot")
 IRQ_MODES = ("eflags", "xen")
 
-#: Raw flag bits the plugin sets beyond :mod:`tracer.rawformat` (per-CPU ``paravirt_lazy_mode``).
-F_LAZY_KNOWN = 0x20
-F_LAZY_MMU = 0x40
 
 #: Read keys of :mod:`tracer.symbols` locations, and how each becomes plugin config text.
 _OPERAND_KEYS = ("ptep", "pteval", "next_task", "mm")
 _MARKER_ROLES = {probes.MARKERS[0][0]: "start", probes.MARKERS[1][0]: "end"}
 
 #: Per-CPU variables looked up in the vmlinux symbol table (optional: absent in some kernels).
-EXTRA_PERCPU_SYMBOLS = {"pcpu_lazy_mode": "paravirt_lazy_mode", "pcpu_xen_vcpu": "xen_vcpu"}
+#: Each key lists its candidate symbols, first found wins.
+EXTRA_PERCPU_SYMBOLS: dict[str, tuple[str, ...]] = {
+    "pcpu_lazy_mode": ("paravirt_lazy_mode", "xen_lazy_mode"),
+    "pcpu_xen_vcpu": ("xen_vcpu",),
+    "pcpu_mc_buffer": ("mc_buffer",),
+}
 
 
 # -- config ------------------------------------------------------------------------------------------------
@@ -173,8 +176,10 @@ def extra_percpu_offsets(symbols: Symbols) -> dict[str, int]:
     """
     cache = paths.cache_dir() / "plugin" / "percpu" / f"{symbols.build_id}.json"
     try:
-        return {k: int(v) for k, v in json.loads(cache.read_text()).items()}
-    except (OSError, ValueError):
+        doc = json.loads(cache.read_text())
+        if doc.get("looked_up") == EXTRA_PERCPU_SYMBOLS:  # else written for another symbol list: redo
+            return {k: int(v) for k, v in doc["found"].items()}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         pass
     vmlinux = Path(symbols.vmlinux) if symbols.vmlinux else None
     if vmlinux is None or not vmlinux.is_file():
@@ -185,13 +190,16 @@ def extra_percpu_offsets(symbols: Symbols) -> dict[str, int]:
     with vmlinux.open("rb") as f:
         symtab = ELFFile(f).get_section_by_name(".symtab")
         if symtab is not None:
-            for key, name in EXTRA_PERCPU_SYMBOLS.items():
-                syms = symtab.get_symbol_by_name(name)
-                if syms:
-                    found[key] = int(syms[0]["st_value"])
+            for key, names in EXTRA_PERCPU_SYMBOLS.items():
+                for name in names:
+                    syms = symtab.get_symbol_by_name(name)
+                    if syms:
+                        found[key] = int(syms[0]["st_value"])
+                        break
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(found))
+    tmp.write_text(json.dumps({"looked_up": {k: list(v) for k, v in EXTRA_PERCPU_SYMBOLS.items()},
+                               "found": found}))
     tmp.replace(cache)
     return found
 

@@ -24,13 +24,19 @@ event          u8      index into :data:`tracer.schema.EVENTS`
 flags          u8      ``F_*`` bits
 loc            u16     index into ``locations.json`` (gives probe and site function)
 comm           16s     current task's comm, NUL padded (TASK_COMM_LEN)
+lazy_mode      u8      valid if ``F_LAZY_KNOWN``: per-CPU ``paravirt_lazy_mode`` (0 none, 1 MMU, 2 CPU)
+mc_pending     u8      valid if ``F_MC_KNOWN``: Xen multicall entries queued, not yet issued
+(padding)      2 bytes zero
 =============  ======  ==================================================================
+
+``lazy_mode`` and ``mc_pending`` sit in what was padding: a record written before they existed holds zeros
+there, and ``F_MC_KNOWN`` clear; its lazy mode is then known only as ``F_LAZY_MMU`` (MMU or not).
 """
 
 import struct
 
 MAGIC = b"LZTRAW01"
-RECORD = struct.Struct("<QqQQQIiihhBBH16s4x")
+RECORD = struct.Struct("<QqQQQIiihhBBH16sBB2x")
 assert RECORD.size == 80
 
 F_IRQS_ON = 0x01
@@ -42,5 +48,7 @@ F_MM_INIT = 0x10
 #: and the variable stays 0, so it is not read there). Trace column ``lazy_mmu`` is null without it.
 F_LAZY_KNOWN = 0x20
 #: ... and it was ``PARAVIRT_LAZY_MMU`` (1); ``PARAVIRT_LAZY_CPU`` (2, inside a context switch) and
-#: ``PARAVIRT_LAZY_NONE`` (0) both leave this clear.
+#: ``PARAVIRT_LAZY_NONE`` (0) both leave this clear. The full value is in the ``lazy_mode`` byte.
 F_LAZY_MMU = 0x40
+#: The per-CPU Xen multicall buffer's fill (``mc_buffer.mcidx``) was read into ``mc_pending`` (Xen PV only).
+F_MC_KNOWN = 0x80

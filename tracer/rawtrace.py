@@ -35,7 +35,9 @@ RAW_DTYPE = np.dtype(
         ("flags", "u1"),
         ("loc", "<u2"),
         ("comm", "S16"),
-        ("_pad", "V4"),
+        ("lazy_mode", "u1"),
+        ("mc_pending", "u1"),
+        ("_pad", "V2"),
     ]
 )
 assert RAW_DTYPE.itemsize == rf.RECORD.size
@@ -91,6 +93,9 @@ def raw_to_frame(recs: np.ndarray, locations: list[dict]) -> pd.DataFrame:
     mm_known = (flags & rf.F_MM_KNOWN) != 0
     next_pid = recs["next_pid"]
     is_switch = ev == schema.EVENT_CODE["switch"]
+    lazy_known = (flags & rf.F_LAZY_KNOWN) != 0
+    # records from before the lazy_mode byte existed hold 0 there: MMU is still known from the flag
+    lazy_mode = np.where((flags & rf.F_LAZY_MMU) != 0, schema.LAZY_MMU, recs["lazy_mode"]).astype("uint8")
     df = pd.DataFrame(
         {
             "seq": recs["seq"].astype("uint64"),
@@ -109,7 +114,9 @@ def raw_to_frame(recs: np.ndarray, locations: list[dict]) -> pd.DataFrame:
             "pteval": pd.arrays.IntegerArray(recs["pteval"].astype("uint64"), (flags & rf.F_PTEVAL) == 0),
             "mm_is_init": pd.arrays.BooleanArray((flags & rf.F_MM_INIT) != 0, ~mm_known),
             "next_pid": pd.arrays.IntegerArray(next_pid.astype("int32"), ~is_switch),
-            "lazy_mmu": pd.arrays.BooleanArray((flags & rf.F_LAZY_MMU) != 0, (flags & rf.F_LAZY_KNOWN) == 0),
+            "lazy_mmu": pd.arrays.BooleanArray((flags & rf.F_LAZY_MMU) != 0, ~lazy_known),
+            "lazy_mode": pd.arrays.IntegerArray(lazy_mode, ~lazy_known),
+            "mc_pending": pd.arrays.IntegerArray(recs["mc_pending"].astype("uint8"), (flags & rf.F_MC_KNOWN) == 0),
         }
     )
     return schema.coerce(df)

@@ -112,17 +112,15 @@ def record(resolved: Resolved, run_dir: Path, *, backend: str, arm: str = "marke
 def _record_gdb(resolved, run_dir, syms, arm, emulate, icount, m, result, tick, phase) -> None:
     from .gdb_recorder import GdbRecorder
     from .gdb_session import GdbSession
+    from .plugin_recorder import extra_percpu_offsets
 
     cfg = replace(resolved.guest, gdb=True, paused=True, single_thread_tcg=True)
     has_icount = cfg.replay is not None or "-icount" in cfg.profile.extra_args
     if icount and not has_icount:
         cfg = replace(cfg, extra_args=(*cfg.extra_args, *GDB_ICOUNT_ARGS))
-    m.update(gdb_icount=icount or has_icount, irq_source=IRQ_SOURCES["eflags"])
-    if cfg.profile.kind == "xen-pv":
-        # the in-gdb collector reads eflags.IF, which a PV guest cannot clear: irqs_on is always true there
-        log.warning("gdb backend under Xen PV: irqs_on comes from eflags.IF, meaningless in a PV guest "
-                    "(use --backend plugin, which reads evtchn_upcall_mask and the per-CPU lazy state)")
-        m.update(irq_source_warning="eflags.IF is meaningless in a Xen PV guest: irqs_on is not the interrupt mask")
+    irq = plugin_irq_mode(cfg.profile.kind)
+    m.update(gdb_icount=icount or has_icount, irq_source=IRQ_SOURCES[irq])
+    xen = extra_percpu_offsets(syms) if irq == "xen" else None
     if cfg.replay is not None:
         # Emulating a probe's instruction writes guest memory and the pc from gdb: an input the icount
         # record/replay log does not hold, so the replay diverges (measured: it stalls after the first event).
@@ -137,7 +135,7 @@ def _record_gdb(resolved, run_dir, syms, arm, emulate, icount, m, result, tick, 
         gdb = stack.enter_context(GdbSession(cfg.kernel.vmlinux, guest.gdb_socket, run_dir / schema.GDB_LOG))
         m.update(gdb={"version": gdb.version})
         kwargs = {} if emulate is None else {"emulate": emulate}
-        rec = GdbRecorder(gdb, syms, run_dir, arm=arm, **kwargs)
+        rec = GdbRecorder(gdb, syms, run_dir, arm=arm, xen=xen, **kwargs)
         rec.start()
 
         def poll() -> None:
@@ -192,7 +190,8 @@ def _record_plugin(resolved, run_dir, syms, arm, m, result, tick, phase) -> None
 #: Where the plugin reads a record's interrupt state, per plugin ``irq`` mode (recorded in the manifest).
 IRQ_SOURCES = {
     "eflags": "eflags.IF",
-    "xen": "evtchn_upcall_mask (u8 at *(gs_base + &xen_vcpu) + 1); per-CPU paravirt_lazy_mode read too",
+    "xen": "evtchn_upcall_mask (u8 at *(gs_base + &xen_vcpu) + 1); per-CPU paravirt_lazy_mode and "
+           "mc_buffer.mcidx read too",
 }
 
 

@@ -61,12 +61,22 @@ COLUMNS: dict[str, object] = {
     "mm_is_init": "boolean",
     "next_pid": "Int32",
     "lazy_mmu": "boolean",
+    "lazy_mode": "UInt8",
+    "mc_pending": "UInt8",
 }
 
 #: Columns added after :data:`SCHEMA_VERSION` 1 was first written: a trace without one still loads, with the
-#: column all-null (:func:`coerce`, ``analysis.load``). ``lazy_mmu``: the guest's own per-CPU lazy state
-#: (``paravirt_lazy_mode == PARAVIRT_LAZY_MMU``) at the event, known only under Xen PV (plugin backend).
-OPTIONAL_COLUMNS: tuple[str, ...] = ("lazy_mmu",)
+#: column all-null (:func:`coerce`, ``analysis.load``). All three are known only under Xen PV, where the lazy
+#: MMU hooks are real, and are read *before* the probed instruction runs:
+#:
+#: ``lazy_mode``: the guest's own per-CPU ``paravirt_lazy_mode`` (:data:`LAZY_NONE`, :data:`LAZY_MMU`,
+#: :data:`LAZY_CPU`). ``lazy_mmu``: ``lazy_mode == LAZY_MMU`` (kept: the first Xen traces had only it).
+#: ``mc_pending``: entries queued in the CPU's Xen multicall batch and not yet issued to the hypervisor
+#: (``mc_buffer.mcidx``, ``arch/x86/xen/multicalls.c``).
+OPTIONAL_COLUMNS: tuple[str, ...] = ("lazy_mmu", "lazy_mode", "mc_pending")
+
+#: ``enum paravirt_lazy_mode`` (arch/x86/include/asm/paravirt_types.h, 6.1; ``enum xen_lazy_mode`` in 6.2+).
+LAZY_NONE, LAZY_MMU, LAZY_CPU = 0, 1, 2
 
 #: The same schema for pyarrow (what trace.parquet holds on disk).
 ARROW_SCHEMA = pa.schema(
@@ -88,6 +98,8 @@ ARROW_SCHEMA = pa.schema(
         ("mm_is_init", pa.bool_()),
         ("next_pid", pa.int32()),
         ("lazy_mmu", pa.bool_()),
+        ("lazy_mode", pa.uint8()),
+        ("mc_pending", pa.uint8()),
     ]
 )
 

@@ -116,7 +116,7 @@ def test_write_locations_is_what_rawtrace_reads(tmp_path):
     locs = rawtrace.load_locations(path)
     assert locs == s.locations
     rec = rawformat.RECORD.pack(0, 1, 0xFFFFFFFF810B18F0, 0, 0, 0x80000000, 7, -1, 0, 0,
-                                schema.EVENT_CODE["marker"], rawformat.F_IRQS_ON, 2, b"hostname")
+                                schema.EVENT_CODE["marker"], rawformat.F_IRQS_ON, 2, b"hostname", 0, 0)
     recs = np.frombuffer(rec, dtype=rawtrace.RAW_DTYPE)
     df = rawtrace.raw_to_frame(recs, locs)
     assert df["site"].iloc[0] == "workload-end"

@@ -3,6 +3,7 @@ without the column (the committed fixture predates it)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,8 @@ import pyarrow.parquet as pq
 from analysis.check import FAIL, NOT_EXERCISED, PASS, check_trace
 from analysis.load import Trace, load_trace, read_parquet
 from analysis.synth import events_frame
-from tracer import plugin_recorder, rawtrace, schema
 from tracer import rawformat as rf
+from tracer import rawtrace, schema
 from tracer.plugin_recorder import IRQ_MODES
 from tracer.profiles import KINDS
 from tracer.record import IRQ_SOURCES, plugin_irq_mode
@@ -108,6 +109,33 @@ def test_raw_flags_become_a_nullable_lazy_mmu_column():
     assert df["lazy_mmu"].iloc[1:].tolist() == [False, True]
 
 
+def test_raw_lazy_mode_and_multicall_fill_columns():
+    recs = np.zeros(4, rawtrace.RAW_DTYPE)
+    recs["seq"] = [0, 1, 2, 3]
+    recs["event"] = schema.EVENT_CODE["set_pte"]
+    # unknown; CPU-lazy with 3 queued; MMU written before the lazy_mode byte existed (byte 0); known empty
+    recs["flags"] = [0, rf.F_LAZY_KNOWN | rf.F_MC_KNOWN, rf.F_LAZY_KNOWN | rf.F_LAZY_MMU, rf.F_LAZY_KNOWN | rf.F_MC_KNOWN]
+    recs["lazy_mode"] = [0, schema.LAZY_CPU, 0, schema.LAZY_NONE]
+    recs["mc_pending"] = [7, 3, 9, 0]
+    df = rawtrace.raw_to_frame(recs, [{"loc": 0, "probe": "xen_set_pte", "event": "set_pte", "pc": 0,
+                                       "site": "xen_set_pte"}])
+    assert df["lazy_mode"].dtype == pd.UInt8Dtype() and df["mc_pending"].dtype == pd.UInt8Dtype()
+    assert df["lazy_mode"].tolist() == [pd.NA, schema.LAZY_CPU, schema.LAZY_MMU, schema.LAZY_NONE]
+    assert df["lazy_mmu"].tolist() == [pd.NA, False, True, False]
+    assert df["mc_pending"].tolist() == [pd.NA, 3, pd.NA, 0]
+
+
+def test_plugin_record_layout_and_flags_match_the_raw_format():
+    src = (Path(rawtrace.__file__).parent / "plugin" / "lazytrace.c").read_text()
+    for name in ("F_IRQS_ON", "F_PTEP", "F_PTEVAL", "F_MM_KNOWN", "F_MM_INIT", "F_LAZY_KNOWN", "F_LAZY_MMU",
+                 "F_MC_KNOWN"):
+        m = re.search(rf"#define {name} (0x[0-9a-fA-F]+)", src)
+        assert m and int(m.group(1), 16) == getattr(rf, name), name
+    body = re.search(r"struct lt_record \{(.*?)\};", src, re.S).group(1)
+    fields = re.findall(r"\b(\w+)(?:\[\d+\])?;", body)
+    assert fields == [n for n in rawtrace.RAW_DTYPE.names if n != "_pad"] + ["pad"]
+
+
 def test_trace_written_without_the_column_loads_with_it_all_null(tmp_path):
     old = load_trace(FIXTURE)
     assert "lazy_mmu" not in pq.read_schema(f"{FIXTURE}/{schema.TRACE_FILE}").names  # recorded before the column
@@ -122,5 +150,3 @@ def test_trace_written_without_the_column_loads_with_it_all_null(tmp_path):
 def test_xen_profiles_record_the_event_channel_mask():
     assert plugin_irq_mode("xen-pv") == "xen" and plugin_irq_mode("plain") == "eflags"
     assert {plugin_irq_mode(k) for k in KINDS} <= set(IRQ_MODES) == set(IRQ_SOURCES)
-    # the plugin's flag bits are the raw format's
-    assert (plugin_recorder.F_LAZY_KNOWN, plugin_recorder.F_LAZY_MMU) == (rf.F_LAZY_KNOWN, rf.F_LAZY_MMU)

@@ -158,6 +158,12 @@ class Collector:
         self.task_pid = t_pid - self.task_lo
         self.task_comm = t_comm - self.task_lo
         self.init_mm = self.off["init_mm"]
+        # Xen PV (cfg "xen": per-CPU offsets of xen_vcpu, the lazy mode, mc_buffer): the interrupt state is
+        # the vcpu_info's evtchn_upcall_mask, not eflags.IF, and the lazy mode and multicall fill are recorded
+        xen = cfg.get("xen") or {}
+        self.xen_vcpu = xen.get("pcpu_xen_vcpu")
+        self.xen_lazy = xen.get("pcpu_lazy_mode")
+        self.xen_mc = xen.get("pcpu_mc_buffer")
         self.cpu_of_gs = {}
         self.vcpu_of_thread = {}
         self.slots = {}          # (slot, task) -> value
@@ -255,7 +261,11 @@ class Collector:
             self.dirty.add(t)
             self.tasks.pop(t, None)
             self.comm_hook_hits += 1
-        base_flags = rf.F_IRQS_ON if eflags & EFLAGS_IF else 0
+        lazy_mode = mc_pending = 0
+        if self.xen_vcpu is None:
+            base_flags = rf.F_IRQS_ON if eflags & EFLAGS_IF else 0
+        else:
+            base_flags, lazy_mode, mc_pending = self.xen_state(gs)
 
         for h in bp.hooks:
             self.slots[(h["slot"], task)] = int(rr(h["reads"]["value"])) & MASK64
@@ -297,7 +307,7 @@ class Collector:
                     if mm == self.init_mm:
                         flags |= rf.F_MM_INIT
             out.append(rf.RECORD.pack(self.seq, t_ns, bp.pc, ptep, pteval, preempt_raw, pid, next_pid, cpu,
-                                      vcpu, loc.event, flags, loc.loc, comm))
+                                      vcpu, loc.event, flags, loc.loc, comm, lazy_mode, mc_pending))
             self.seq += 1
             self.loc_hits[loc.loc] += 1
             if loc.is_marker:
@@ -312,6 +322,32 @@ class Collector:
                     self._flush_locked()
         if self.emulate:
             self._emulate(bp, rr)
+
+    def xen_state(self, gs):
+        """(flags, lazy_mode, mc_pending) of a Xen PV CPU: its virtual interrupt flag (``evtchn_upcall_mask``,
+        u8 at ``vcpu_info + 1``; eflags.IF is always set in a PV guest), ``paravirt_lazy_mode`` and the
+        multicall buffer's ``mcidx``. Three or four stub round trips; a failed read leaves its field unknown."""
+        read = self.inf.read_memory
+        flags = lazy_mode = mc_pending = 0
+        try:
+            vcpu_info = _u64(bytes(read(gs + self.xen_vcpu, 8)), 0)
+            if vcpu_info and bytes(read(vcpu_info + 1, 1))[0] == 0:
+                flags |= rf.F_IRQS_ON
+        except gdb.MemoryError:
+            pass
+        if self.xen_lazy is not None:
+            try:
+                lazy_mode = min(_u32(bytes(read(gs + self.xen_lazy, 4)), 0), 255)
+                flags |= rf.F_LAZY_KNOWN | (rf.F_LAZY_MMU if lazy_mode == 1 else 0)
+            except gdb.MemoryError:
+                lazy_mode = 0
+        if self.xen_mc is not None:
+            try:
+                mc_pending = min(_u32(bytes(read(gs + self.xen_mc, 4)), 0), 255)
+                flags |= rf.F_MC_KNOWN
+            except gdb.MemoryError:
+                mc_pending = 0
+        return flags, lazy_mode, mc_pending
 
     def task_info(self, task):
         """(pid, comm) of a task: cached per task pointer between switches, unless its comm is changing."""

@@ -91,7 +91,9 @@ struct lt_record {
     uint8_t flags;
     uint16_t loc;
     char comm[16];
-    uint8_t pad[4];
+    uint8_t lazy_mode;  /* valid with F_LAZY_KNOWN */
+    uint8_t mc_pending; /* valid with F_MC_KNOWN */
+    uint8_t pad[2];
 };
 _Static_assert(sizeof(struct lt_record) == 80, "raw record must be 80 bytes");
 _Static_assert(offsetof(struct lt_record, preempt_raw) == 40, "raw layout");
@@ -105,9 +107,9 @@ _Static_assert(offsetof(struct lt_record, comm) == 60, "raw layout");
 #define F_PTEVAL 0x04
 #define F_MM_KNOWN 0x08
 #define F_MM_INIT 0x10
-/* Not yet in rawformat.py: the per-CPU paravirt lazy mode (where the kernel has one). */
 #define F_LAZY_KNOWN 0x20
 #define F_LAZY_MMU 0x40
+#define F_MC_KNOWN 0x80
 
 /* tracer/schema.py EVENTS index of "marker". */
 #define EV_MARKER 8
@@ -175,7 +177,7 @@ static struct {
     bool arm_boot;
     unsigned flush_ms;
     bool irq_xen;
-    int64_t off_preempt, off_cpu, off_current, off_lazy, off_xen_vcpu;
+    int64_t off_preempt, off_cpu, off_current, off_lazy, off_xen_vcpu, off_mc;
     int64_t off_task_pid, off_task_comm, off_pt_regs_si;
     uint64_t init_mm;
     char *reg_names[MAX_REGS];
@@ -223,7 +225,7 @@ static struct {
 } g = {
     .fd = -1,
     .flush_ms = 200,
-    .off_preempt = -1, .off_cpu = -1, .off_current = -1, .off_lazy = -1, .off_xen_vcpu = -1,
+    .off_preempt = -1, .off_cpu = -1, .off_current = -1, .off_lazy = -1, .off_xen_vcpu = -1, .off_mc = -1,
     .off_task_pid = -1, .off_task_comm = -1, .off_pt_regs_si = -1,
     .lock = PTHREAD_MUTEX_INITIALIZER,
     .slot_lock = PTHREAD_MUTEX_INITIALIZER,
@@ -455,6 +457,7 @@ static struct {
     {"pt_regs_si", &g.off_pt_regs_si, false},
     {"pcpu_lazy_mode", &g.off_lazy, false},
     {"pcpu_xen_vcpu", &g.off_xen_vcpu, false},
+    {"pcpu_mc_buffer", &g.off_mc, false},
 };
 
 static int cmp_loc_pc(const void *a, const void *b)
@@ -821,6 +824,13 @@ static uint64_t current_task(struct vcpu_state *vs, struct regcache *rc)
     return task;
 }
 
+/* enum paravirt_lazy_mode: 0 none, 1 MMU, 2 CPU */
+static void set_lazy_mode(struct lt_record *r, uint32_t mode)
+{
+    r->flags |= F_LAZY_KNOWN | (mode == 1 ? F_LAZY_MMU : 0);
+    r->lazy_mode = mode > 255 ? 255 : (uint8_t)mode;
+}
+
 /*
  * The common fields every record carries: cpu, preempt_count, irqs, pid, comm, lazy state.
  * Returns the current task_struct pointer (0 if unreadable).
@@ -865,7 +875,7 @@ static uint64_t fill_common(struct vcpu_state *vs, struct regcache *rc, struct l
         if (g.off_lazy >= 0 && g.off_lazy >= g.blk_lo && g.off_lazy + 4 <= g.blk_hi) {
             uint32_t mode;
             memcpy(&mode, blk + (g.off_lazy - g.blk_lo), 4);
-            r->flags |= F_LAZY_KNOWN | (mode == 1 ? F_LAZY_MMU : 0);
+            set_lazy_mode(r, mode);
         }
     } else {
         read_mem(vs, gs + (uint64_t)g.off_preempt, &r->preempt_raw, 4);
@@ -874,7 +884,15 @@ static uint64_t fill_common(struct vcpu_state *vs, struct regcache *rc, struct l
     if (g.off_lazy >= 0 && !(r->flags & F_LAZY_KNOWN)) {
         uint32_t mode;
         if (read_mem(vs, gs + (uint64_t)g.off_lazy, &mode, 4)) {
-            r->flags |= F_LAZY_KNOWN | (mode == 1 ? F_LAZY_MMU : 0);
+            set_lazy_mode(r, mode);
+        }
+    }
+    if (g.off_mc >= 0) {
+        /* struct mc_buffer starts with 'unsigned mcidx': entries queued, not yet issued to Xen */
+        uint32_t mcidx;
+        if (read_mem(vs, gs + (uint64_t)g.off_mc, &mcidx, 4)) {
+            r->flags |= F_MC_KNOWN;
+            r->mc_pending = mcidx > 255 ? 255 : (uint8_t)mcidx;
         }
     }
     if (!task) {
