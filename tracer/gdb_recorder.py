@@ -17,11 +17,13 @@ Usage (the lead's orchestration)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -39,6 +41,8 @@ COLLECTOR_CONFIG = "gdb-collector.json"
 BANNER_BOOT_TIMEOUT_S = 60.0
 #: The guest runs this long between two looks at the boot CPU's pc.
 BANNER_POLL_S = 0.1
+#: ... growing to at most this (a stop costs QEMU its translated code: short slices starve a slow boot).
+BANNER_POLL_MAX_S = 2.0
 #: ``__START_KERNEL_map`` (arch/x86/include/asm/page_64_types.h): kernel text runs at or above it.
 KERNEL_TEXT_MAP = 0xFFFF_FFFF_8000_0000
 #: Loading the collector and inserting ~200 breakpoints (no TCG flush for inserts).
@@ -117,7 +121,7 @@ class GdbRecorder:
 
     # -- start -----------------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, watch: Callable[[float], None] | None = None) -> None:
         """Write locations.json, load the collector (probes armed per ``arm``), check the banner, continue.
 
         :raises KernelError: the booted kernel is not the vmlinux's.
@@ -129,7 +133,7 @@ class GdbRecorder:
         self.trace_dir.mkdir(parents=True, exist_ok=True)
         self.symbols.write_locations(self.trace_dir)
         self._load_collector()
-        self.check_banner()
+        self.check_banner(watch)
         self.t_start = time.monotonic()
         self.gdb.cont()
         self.started = True
@@ -186,7 +190,7 @@ class GdbRecorder:
         addr = self._address_of(COMM_HOOK_EXPR)
         return [addr] if addr is not None else []
 
-    def check_banner(self) -> None:
+    def check_banner(self, watch: Callable[[float], None] | None = None) -> None:
         """Refuse a vmlinux that does not match the booted kernel (``linux_banner`` in guest memory).
 
         At reset (``-S``) the kernel is not even decompressed, so the guest runs in short slices
@@ -200,14 +204,22 @@ class GdbRecorder:
         want = self.symbols.banner.encode("latin-1")
         addr = self.symbols.offsets["linux_banner"]
         deadline = time.monotonic() + BANNER_BOOT_TIMEOUT_S * self.gdb.scale
+        slice_s = BANNER_POLL_S
         while not self._kernel_running():
             if time.monotonic() > deadline:
                 raise KernelError(
-                    f"the guest did not enter the kernel's high mapping within {BANNER_BOOT_TIMEOUT_S:.0f} s "
-                    f"(pc {self._boot_pc():#x}): cannot check the vmlinux {self.symbols.vmlinux} against it")
+                    f"the guest did not enter the kernel's high mapping within "
+                    f"{BANNER_BOOT_TIMEOUT_S * self.gdb.scale:.0f} s (pcs {', '.join(f'{p:#x}' for p in self._pcs())})"
+                    f": cannot check the vmlinux {self.symbols.vmlinux} against it")
             self.gdb.cont()
-            time.sleep(BANNER_POLL_S)
+            if watch is not None:
+                watch(slice_s)  # the guest's console must be read while it runs (Guest.watch_console)
+            else:
+                time.sleep(slice_s)
             self.gdb.interrupt()
+            # every stop flushes QEMU's translated code: short slices would starve a slow boot (Xen
+            # scrubbing memory and building dom0 under TCG), so the slices grow
+            slice_s = min(slice_s * 1.5, BANNER_POLL_MAX_S)
         got = self._read_banner(addr, len(want))
         if got != want:
             what = "another kernel's banner" if got and got.startswith(b"Linux version") else \
@@ -218,12 +230,23 @@ class GdbRecorder:
                 f"  guest memory at {addr:#x}: {got[:96] if got else got!r}")
         self.banner_checked = True
 
-    def _boot_pc(self) -> int:
-        self.gdb.mi("-thread-select 1")  # gdb thread 1 = vCPU 0, the boot CPU
-        return self.gdb.read_registers(["pc"])["pc"]
+    def _pcs(self) -> dict[int, int]:
+        """gdb thread id -> pc, for every vCPU."""
+        rec = self.gdb.mi("-thread-info")
+        pcs = {}
+        for t in (rec.get("payload") or {}).get("threads", []):
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                pcs[int(t["id"])] = int(t["frame"]["addr"], 16)
+        return pcs
 
     def _kernel_running(self) -> bool:
-        return self._boot_pc() >= self.text_base
+        """Whether a vCPU runs in the kernel's high mapping; if so, select it (memory reads go through its page
+        tables: under Xen the other one may be in the hypervisor, whose page tables do not map the guest)."""
+        for tid, pc in sorted(self._pcs().items()):
+            if pc >= self.text_base:
+                self.gdb.mi(f"-thread-select {tid}")
+                return True
+        return False
 
     def _read_banner(self, addr: int, length: int) -> bytes | None:
         try:

@@ -309,6 +309,31 @@ class Guest:
                 raise cls(f"guest {verb}: no {what or pattern} within {limit:.0f} s", argv=self.argv,
                           log_tail=self.console_tail(), logs=[str(self.console_log)])
 
+    def watch_console(self, seconds: float) -> None:
+        """Read the console for ``seconds`` while something else drives the guest (the gdb recorder's boot
+        phase), watching for panics and QEMU exit.
+
+        The console must be read: QEMU's serial port writes the socket a byte at a time, and an unread unix
+        socket fills after a few hundred bytes (each byte costs a whole buffer's accounting), after which the
+        guest spins on a full transmit register (measured: Xen stalls at byte 278 of its boot log).
+
+        :raises GuestPanicError: a kernel or Xen panic was seen.
+        :raises QemuError: QEMU exited.
+        """
+        assert self.console is not None
+        patterns = [*PANIC_PATTERNS, pexpect.EOF, pexpect.TIMEOUT]
+        idx = self.console.expect(patterns, timeout=seconds)
+        if idx < len(PANIC_PATTERNS):
+            line = self.console.after.decode(errors="replace")
+            self._drain(2.0)
+            raise GuestPanicError(f"guest panic: {' '.join(line.split())}", argv=self.argv,
+                                  log_tail=self.console_tail(), logs=[str(self.console_log)])
+        if patterns[idx] is pexpect.EOF:
+            code = self._wait_exit(2.0)
+            raise QemuError("QEMU exited while the guest was booting under gdb", argv=self.argv, returncode=code,
+                            log_tail=self.console_tail() + "\n--- qemu ---\n" + self._qemu_tail(),
+                            logs=[str(self.console_log), str(self.run_dir / "qemu.stderr.log")])
+
     def _drain(self, seconds: float) -> None:
         end = time.monotonic() + seconds
         while time.monotonic() < end:

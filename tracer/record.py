@@ -136,7 +136,7 @@ def _record_gdb(resolved, run_dir, syms, arm, emulate, icount, m, result, tick, 
         m.update(gdb={"version": gdb.version})
         kwargs = {} if emulate is None else {"emulate": emulate}
         rec = GdbRecorder(gdb, syms, run_dir, arm=arm, xen=xen, **kwargs)
-        rec.start()
+        rec.start(watch=guest.watch_console)
 
         def poll() -> None:
             rec.poll()
