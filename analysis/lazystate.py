@@ -44,6 +44,18 @@ SYNC = _C["sync_kernel_mappings"]
 SWITCH = _C["switch"]
 MARKER = _C["marker"]
 
+#: Where Xen PV saves a task's lazy MMU state at a context switch: the inlined
+#: ``arch_leave_lazy_mmu_mode()`` in ``paravirt_start_context_switch()`` (arch/x86/kernel/paravirt.c; 6.12:
+#: ``xen_start_context_switch()``, arch/x86/xen/enlighten_pv.c), recorded as a ``lazy_leave`` by the task
+#: switched out, which gets ``TIF_LAZY_MMU_UPDATES``.
+XEN_SAVE_SITES: frozenset[str] = frozenset({"paravirt_start_context_switch", "xen_start_context_switch"})
+#: Where Xen PV restores it: the inlined ``arch_enter_lazy_mmu_mode()`` in ``paravirt_end_context_switch()``
+#: (6.12: ``xen_end_context_switch()``), called from ``__switch_to`` for a next task with
+#: ``TIF_LAZY_MMU_UPDATES``. It runs before ``current_task`` is updated, so the ``lazy_enter`` carries the
+#: *previous* task's pid/comm: the task it belongs to is the ``next_pid`` of the switch just before it
+#: (:meth:`LazyState.switched_in`).
+XEN_RESTORE_SITES: frozenset[str] = frozenset({"paravirt_end_context_switch", "xen_end_context_switch"})
+
 #: Values of the region ``mm`` column.
 MM_KINDS = ("kernel", "user", "unknown")
 MM_DTYPE = pd.CategoricalDtype(list(MM_KINDS))
@@ -293,7 +305,71 @@ class LazyState:
         same = (j < len(targets)) & (nxt < self.grp_end[self._grp_of(pos)])
         return np.where(same, nxt, -1)
 
+    def next_in(self, pos: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """For each sorted position, the first of ``targets`` (ascending sorted positions) after it on the
+        same CPU; -1 if none."""
+        pos = np.asarray(pos, dtype=np.int64)
+        if len(targets) == 0 or len(pos) == 0:
+            return np.full(len(pos), -1, np.int64)
+        j = np.searchsorted(targets, pos, side="right")
+        nxt = targets[np.minimum(j, len(targets) - 1)]
+        same = (j < len(targets)) & (nxt < self.grp_end[self._grp_of(pos)])
+        return np.where(same, nxt, -1)
+
+    def prev_in(self, pos: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """For each sorted position, the last of ``targets`` (ascending sorted positions) before it on the
+        same CPU; -1 if none."""
+        pos = np.asarray(pos, dtype=np.int64)
+        if len(targets) == 0 or len(pos) == 0:
+            return np.full(len(pos), -1, np.int64)
+        j = np.searchsorted(targets, pos, side="left") - 1
+        prv = targets[np.maximum(j, 0)]
+        same = (j >= 0) & (prv >= self.grp_start[self._grp_of(pos)])
+        return np.where(same, prv, -1)
+
+    def switched_in(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The task switched in on each position's CPU most recently before it: ``(pid, known)``, the
+        ``next_pid`` of the last ``switch`` event before it on the same CPU (unknown: no switch before it on
+        its CPU, or the switch's ``next_pid`` is null).
+
+        This is the task a Xen restore enter (:data:`XEN_RESTORE_SITES`) belongs to: that ``lazy_enter`` runs
+        inside ``__switch_to`` before ``current_task`` changes, so its own ``pid`` is the previous task's.
+        """
+        pos = np.asarray(pos, dtype=np.int64)
+        sw = self.prev_in(pos, self.positions(SWITCH))
+        has = sw >= 0
+        if not has.any():
+            return np.zeros(len(pos), np.int32), has
+        nxt, ok = self.masked("next_pid")
+        rows = self.rows(np.where(has, sw, 0))
+        return np.where(has, nxt[rows], 0).astype(np.int32), has & ok[rows]
+
     # -- regions -------------------------------------------------------------------------------------
+
+    @cached_property
+    def r_task(self) -> tuple[np.ndarray, np.ndarray]:
+        """The task each region belongs to: ``(pid int32, known)`` per region.
+
+        The enter's ``pid``, except for a region opened by a Xen restore enter (:data:`XEN_RESTORE_SITES`),
+        which belongs to the task switched in just before it (:meth:`switched_in`; the enter's own pid
+        when that is unknown). Unknown for a virtual region (open at the window start).
+        """
+        r_count = self.n_regions
+        known = ~self.r_virtual
+        pid = np.zeros(r_count, np.int32)
+        if r_count == 0 or not known.any():
+            return pid, known
+        enter = self.r_enter[known]
+        rows = self.rows(enter)
+        pid_k = self.column("pid")[rows].astype(np.int32, copy=True)
+        restore = self.site_in(rows, XEN_RESTORE_SITES)
+        if restore.any():
+            owner, ok = self.switched_in(enter[restore])
+            sub = pid_k[restore]
+            sub[ok] = owner[ok]
+            pid_k[restore] = sub
+        pid[known] = pid_k
+        return pid, known
 
     @cached_property
     def r_mm(self) -> np.ndarray:

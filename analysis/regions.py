@@ -54,7 +54,9 @@ def df_lazy_regions(df: pd.DataFrame, *, windowed: bool = False, state: LazyStat
         first_t_ns     int64    host time of ``first_seq``
         last_t_ns      int64    host time of ``last_seq``
         duration_ns    int64    ``last_t_ns - first_t_ns``
-        pid, comm      Int32/string  task at the enter (NA if unknown)
+        pid, comm      Int32/string  task at the enter (NA if unknown); for a region re-opened by a Xen
+                                 restore (paravirt_end_context_switch) pid is the task switched in, and
+                                 comm the enter's (the previous task's)
         end_pid        Int32    task at the leave
         site           string   function that entered lazy mode
         end_site       string   function that left it
@@ -78,6 +80,7 @@ def df_lazy_regions(df: pd.DataFrame, *, windowed: bool = False, state: LazyStat
         raise MissingEventsError(("lazy_enter", "lazy_leave"), st.event_counts(), "df_lazy_regions()")
     R = st.n_regions
     seq, t_ns, pid = st.column("seq"), st.column("t_ns"), st.column("pid")
+    r_pid, r_known = st.r_task  # the enter's task, or for a Xen restore the task switched in
     has_enter, has_leave = st.r_enter >= 0, st.r_leave >= 0
     e_rows = st.rows(np.maximum(st.r_enter, 0)) if R else np.zeros(0, np.int64)
     l_rows = st.rows(np.maximum(st.r_leave, 0)) if R else np.zeros(0, np.int64)
@@ -105,7 +108,7 @@ def df_lazy_regions(df: pd.DataFrame, *, windowed: bool = False, state: LazyStat
             "first_t_ns": t_ns[f_rows],
             "last_t_ns": t_ns[z_rows],
             "duration_ns": t_ns[z_rows] - t_ns[f_rows],
-            "pid": masked(pid[e_rows], has_enter, "Int32"),
+            "pid": masked(r_pid, r_known, "Int32"),
             "comm": pd.array(np.where(has_enter, comm, None), dtype="string"),
             "end_pid": masked(pid[l_rows], has_leave, "Int32"),
             "site": pd.array(np.where(has_enter, sites, None), dtype="string"),

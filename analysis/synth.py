@@ -96,6 +96,8 @@ def synth_events(cfg: SynthConfig = SynthConfig()) -> pd.DataFrame:
             "mm_is_init": pd.arrays.BooleanArray(cols["mm_init"], ~mm_known),
             "next_pid": pd.arrays.IntegerArray(cols["next_pid"], ~is_switch),
             "lazy_mmu": pd.arrays.BooleanArray(np.zeros(n, bool), np.ones(n, bool)),  # native: unknown
+            "lazy_mode": pd.arrays.IntegerArray(np.zeros(n, np.uint8), np.ones(n, bool)),
+            "mc_pending": pd.arrays.IntegerArray(np.zeros(n, np.uint8), np.ones(n, bool)),
         }
     )
     return df
@@ -198,7 +200,8 @@ def _cpu_stream(rng: np.random.Generator, cfg: SynthConfig, cpu: int, n: int) ->
 EVENT_DEFAULTS: dict[str, object] = {
     "t_ns": None, "cpu": 0, "vcpu": None, "site": "native_set_pte", "pc": 0xFFFFFFFF81000000,
     "preempt_count": 1, "need_resched": False, "irqs_on": True, "pid": 100, "comm": "sh", "ptep": None,
-    "pteval": None, "mm_is_init": None, "next_pid": None, "lazy_mmu": None,
+    "pteval": None, "mm_is_init": None, "next_pid": None, "lazy_mmu": None, "lazy_mode": None,
+    "mc_pending": None,
 }
 
 

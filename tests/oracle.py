@@ -11,7 +11,11 @@ The rules, per CPU stream (the events of one CPU, by ``seq``; ``cpu``, or ``vcpu
   region stays open); a ``lazy_leave`` while lazy closes the region; one while not lazy is an *orphan*;
 * in a windowed trace a CPU whose first enter/leave is a leave was lazy when the window opened: a
   *virtual* region (no enter, task unknown) covers its events up to that leave;
-* "non-preemptible" means ``preempt_count > 0`` or interrupts off.
+* "non-preemptible" means ``preempt_count > 0`` or interrupts off;
+* "interrupt context" means any SOFTIRQ/HARDIRQ/NMI bit in ``preempt_count`` (``in_interrupt()``);
+* under Xen PV a *save* is a ``lazy_leave`` in ``paravirt_start_context_switch`` (by the task switched
+  out) and a *restore* a ``lazy_enter`` in ``paravirt_end_context_switch`` (6.12: ``xen_*``), which belongs
+  to the ``next_pid`` of the last switch on its CPU (its own pid is the previous task's).
 """
 
 from __future__ import annotations
@@ -29,12 +33,17 @@ from tracer import schema
 
 WINDOW_START_SITE = "<open at window start>"
 KMAP_PREEMPT_OFFSET = 1
+XEN_BATCHING_SITES = {"xen_set_pte", "xen_ptep_modify_prot_commit"}
+XEN_SAVE_SITES = {"paravirt_start_context_switch", "xen_start_context_switch"}
+XEN_RESTORE_SITES = {"paravirt_end_context_switch", "xen_end_context_switch"}
+LAZY_NONE, LAZY_MMU = 0, 1
 
 
 @dataclass
 class Region:
     enter: dict | None  # the lazy_enter event (None: open at window start)
     kernel: bool        # a kernel-mapping (init_mm) region
+    pid: int | None = None  # the task it belongs to (the switched-in task for a Xen restore)
 
     @property
     def site(self) -> str:
@@ -45,6 +54,13 @@ class Region:
 class CpuState:
     region: Region | None = None
     pending_kernel_set_ptes: list = field(default_factory=list)
+    switched_in: int | None = None    # next_pid of the last switch on this CPU
+    owner_last_out: bool | None = None  # at that switch: was next_pid saved at its last switch-out (None: none)
+    saved_pids: set = field(default_factory=set)  # tasks that saved since this CPU's last switch
+    awaiting: list = field(default_factory=list)  # saves whose task was switched in here, awaiting a restore
+    xen_saved: list = field(default_factory=list)  # regions closed by a Xen save since this CPU's last switch
+    awaiting_seen: bool = False       # an event followed that switch-in
+    batched: tuple | None = None      # (set_pte, blamed site) waiting for the next task-context event
 
 
 @dataclass
@@ -68,10 +84,11 @@ def _region_is_kernel(enter: dict) -> bool:
 
 def _events(df: pd.DataFrame):
     """The events as plain dicts in seq order (missing values as None), one at a time."""
-    cols = ["seq", "cpu", "vcpu", "event", "site", "preempt_count", "irqs_on", "pid", "mm_is_init", "lazy_mmu"]
+    cols = ["seq", "cpu", "vcpu", "event", "site", "preempt_count", "irqs_on", "pid", "mm_is_init", "next_pid",
+            "lazy_mmu", "lazy_mode", "mc_pending"]
     n = len(df)
     data = {c: df[c].astype(object).where(df[c].notna(), None).tolist() if c in df.columns else [None] * n
-            for c in cols}  # lazy_mmu may be absent (optional column)
+            for c in cols}  # the Xen columns may be absent (optional columns)
     order = sorted(range(len(df)), key=data["seq"].__getitem__)
     for i in order:
         e = {c: data[c][i] for c in cols}
@@ -84,7 +101,7 @@ def check_oracle(df: pd.DataFrame, *, windowed: bool = False, partial: bool = Fa
     """Check every invariant with one loop over the events."""
     checked = {k: 0 for k in ("LAZY-PREEMPT", "LAZY-PAIRING", "LAZY-NO-SWITCH", "LAZY-SETPTE-ATOMIC",
                               "KMAP-ATOMIC-PREEMPT", "SYNC-IRQS-OFF", "KERNEL-UPDATE-FLUSHED", "IRQ-IN-LAZY",
-                              "XEN-LAZY-STATE")}
+                              "XEN-LAZY-STATE", "XEN-BATCH-ISSUED", "XEN-SWITCH-SAVE")}
     found: set[tuple[str, int, str, str]] = set()
 
     def bug(inv: str, e: dict, site: str, what: str) -> None:
@@ -100,6 +117,8 @@ def check_oracle(df: pd.DataFrame, *, windowed: bool = False, partial: bool = Fa
                 if e["event"] == "lazy_leave":
                     open_at_start.add(e["stream"])
     cpus: dict[int, CpuState] = {}
+    saves_pending: dict[int, list] = {}   # XEN-SWITCH-SAVE: task -> its saves not yet followed by a switch to it
+    last_out_saved: dict[int, bool] = {}  # task -> whether it saved before its last switch-out
 
     for e in _events(df):
         if e["stream"] not in cpus:
@@ -107,6 +126,59 @@ def check_oracle(df: pd.DataFrame, *, windowed: bool = False, partial: bool = Fa
         cpu = cpus[e["stream"]]
         region = cpu.region
         kind = e["event"]
+        irq = e["preempt_count"] & schema.IRQ_CONTEXT_MASK != 0
+        restore = kind == "lazy_enter" and e["site"] in XEN_RESTORE_SITES
+        save = kind == "lazy_leave" and e["site"] in XEN_SAVE_SITES
+
+        # XEN-BATCH-ISSUED: events with both the lazy mode and the multicall fill known
+        if e["lazy_mode"] is not None and e["mc_pending"] is not None:
+            if not irq and cpu.batched is not None:
+                sp, sp_site = cpu.batched
+                checked["XEN-BATCH-ISSUED"] += 1
+                if e["mc_pending"] == 0:
+                    bug("XEN-BATCH-ISSUED", sp, sp_site, "PTE update in lazy MMU mode issued at once, not batched, "
+                        "in {site}")
+                cpu.batched = None
+            if e["lazy_mode"] == LAZY_NONE:
+                checked["XEN-BATCH-ISSUED"] += 1
+                if e["mc_pending"] > 0:
+                    bug("XEN-BATCH-ISSUED", e, e["site"], "multicall batch not issued outside lazy mode at {site}")
+            if (kind == "set_pte" and e["site"] in XEN_BATCHING_SITES and e["lazy_mode"] == LAZY_MMU
+                    and not irq):
+                cpu.batched = (e, region.site if region is not None else e["site"])
+
+        # XEN-SWITCH-SAVE (b): a task switched in here after a save must be restored before the next switch
+        if cpu.awaiting:
+            if restore or kind == "switch":
+                for s in cpu.awaiting:
+                    checked["XEN-SWITCH-SAVE"] += 1
+                    if not restore:
+                        bug("XEN-SWITCH-SAVE", s, s["site"], "lazy region saved at a context switch was never restored")
+                cpu.awaiting = []
+            else:
+                cpu.awaiting_seen = True
+        # XEN-SWITCH-SAVE (c): a restore belongs to a task saved at its last switch-out
+        if restore and e["lazy_mode"] is not None and cpu.switched_in is not None and cpu.owner_last_out is not None:
+            checked["XEN-SWITCH-SAVE"] += 1
+            if not cpu.owner_last_out:
+                bug("XEN-SWITCH-SAVE", e, e["site"], "lazy state restored for a task that never saved it")
+        if save:
+            cpu.saved_pids.add(e["pid"])
+            if e["lazy_mode"] is not None:
+                saves_pending.setdefault(e["pid"], []).append(e)
+        if kind == "switch":
+            # (a) never while MMU-lazy
+            if e["lazy_mode"] is not None:
+                checked["XEN-SWITCH-SAVE"] += 1
+                if e["lazy_mode"] == LAZY_MMU:
+                    bug("XEN-SWITCH-SAVE", e, e["site"], "context switch while the CPU is MMU-lazy")
+            nxt = e["next_pid"]
+            cpu.switched_in = nxt
+            cpu.owner_last_out = last_out_saved.get(nxt) if nxt is not None else None
+            last_out_saved[e["pid"]] = e["pid"] in cpu.saved_pids
+            cpu.saved_pids = set()
+            if nxt is not None and nxt in saves_pending:
+                cpu.awaiting, cpu.awaiting_seen = saves_pending.pop(nxt), False
 
         # XEN-LAZY-STATE: the per-CPU lazy state read before the event vs the region bookkeeping
         if e["lazy_mmu"] is not None:
@@ -127,7 +199,8 @@ def check_oracle(df: pd.DataFrame, *, windowed: bool = False, partial: bool = Fa
             if region is not None:
                 bug("LAZY-PAIRING", e, e["site"], "nested lazy_enter in {site}")
             else:
-                cpu.region = Region(e, _region_is_kernel(e))
+                owner = cpu.switched_in if restore and cpu.switched_in is not None else e["pid"]
+                cpu.region = Region(e, _region_is_kernel(e), owner)
 
         elif kind == "lazy_leave":
             checked["LAZY-PAIRING"] += 1
@@ -138,8 +211,10 @@ def check_oracle(df: pd.DataFrame, *, windowed: bool = False, partial: bool = Fa
             else:
                 if region.enter is not None:
                     checked["LAZY-NO-SWITCH"] += 1
-                    if e["pid"] != region.enter["pid"]:
+                    if e["pid"] != region.pid:
                         bug("LAZY-NO-SWITCH", e, region.site, "lazy region entered in {site} left by another task")
+                if e["site"] in XEN_SAVE_SITES:
+                    cpu.xen_saved.append(region)  # the switch that follows is inside the caller's region
                 cpu.region = None
 
         elif kind == "lazy_flush":
@@ -150,6 +225,9 @@ def check_oracle(df: pd.DataFrame, *, windowed: bool = False, partial: bool = Fa
             checked["LAZY-NO-SWITCH"] += 1
             if region is not None:
                 bug("LAZY-NO-SWITCH", e, region.site, "context switch inside lazy region entered in {site}")
+            for saved in cpu.xen_saved:
+                bug("LAZY-NO-SWITCH", e, saved.site, "context switch inside lazy region entered in {site}")
+            cpu.xen_saved = []
             for sp, sp_site in cpu.pending_kernel_set_ptes:
                 checked["KERNEL-UPDATE-FLUSHED"] += 1
                 bug("KERNEL-UPDATE-FLUSHED", sp, sp_site,
@@ -161,7 +239,7 @@ def check_oracle(df: pd.DataFrame, *, windowed: bool = False, partial: bool = Fa
             if _preemptible(e):
                 bug("LAZY-SETPTE-ATOMIC", e, region.site,
                     "set_pte with preemption enabled in lazy region entered in {site}")
-            elif region.enter is not None and e["pid"] != region.enter["pid"]:
+            elif region.enter is not None and e["pid"] != region.pid:
                 bug("LAZY-SETPTE-ATOMIC", e, region.site, "set_pte by another task in lazy region entered in {site}")
             if e["preempt_count"] & schema.IRQ_CONTEXT_MASK:
                 checked["IRQ-IN-LAZY"] += 1
@@ -181,7 +259,14 @@ def check_oracle(df: pd.DataFrame, *, windowed: bool = False, partial: bool = Fa
             if e["irqs_on"]:
                 bug("SYNC-IRQS-OFF", e, e["site"], "kernel-mapping sync with interrupts on in {site}")
 
-    # A kernel set_pte still pending at the end of its CPU's stream was never tested (not counted).
+    # A kernel set_pte still pending at the end of its CPU's stream was never tested (not counted), nor a
+    # batched set_pte with no task-context event after it. A save whose task was switched in again but not
+    # restored is a violation if anything followed that switch on its CPU (else the trace ends there).
+    for cpu in cpus.values():
+        if cpu.awaiting and cpu.awaiting_seen:
+            for s in cpu.awaiting:
+                checked["XEN-SWITCH-SAVE"] += 1
+                bug("XEN-SWITCH-SAVE", s, s["site"], "lazy region saved at a context switch was never restored")
     # The end of the trace: regions still open are a violation only in a complete trace from boot.
     if not windowed and not partial:
         for cpu in cpus.values():

@@ -13,8 +13,6 @@ A region already open when a window began has no known task: only its preemption
 
 from __future__ import annotations
 
-import numpy as np
-
 from .base import CheckContext, CheckResult, concat_violations, invariant, region_sites
 
 ID = "LAZY-SETPTE-ATOMIC"
@@ -36,9 +34,9 @@ def check(ctx: CheckContext) -> CheckResult:
     lsp = st.lazy_set_ptes
     sp, reg, enter = lsp.pos, lsp.reg, lsp.enter
     preemptible = (lsp.col("preempt_count") == 0) & lsp.col("irqs_on")
-    # the task of each region, looked up per region (few) and spread to its set_ptes
-    r_known = st.r_enter >= 0
-    r_pid = np.where(r_known, st.column("pid")[st.rows(np.maximum(st.r_enter, 0))], 0)
+    # the task of each region (few), spread to its set_ptes; a region re-opened by a Xen restore belongs to
+    # the task switched in, not to the pid its enter was recorded with (LazyState.r_task)
+    r_pid, r_known = st.r_task
     known = r_known[reg]
     region_pid = r_pid[reg]
     foreign = known & (lsp.col("pid") != region_pid)
