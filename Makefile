@@ -11,11 +11,13 @@ setup:
 run: setup
 	.venv/bin/lazytrace run
 
-# The real-guest tests run on both cloud kernels (6.1 and 6.12): fetch them first (idempotent).
+# The real-guest tests run on both cloud kernels (6.1 and 6.12) and on Xen with the 6.1 amd64 kernel as dom0
+# (its -dbg package is 858 MB; only the vmlinux is kept): fetch them first (idempotent).
 test: setup
 	.venv/bin/lazytrace kernels fetch debian-6.1-cloud
 	.venv/bin/lazytrace kernels fetch debian-6.12-cloud
-	LAZYTRACE_VM_TESTS=1 .venv/bin/pytest -v
+	.venv/bin/lazytrace kernels fetch debian-6.1-amd64
+	LAZYTRACE_VM_TESTS=1 LAZYTRACE_XEN_TESTS=1 .venv/bin/pytest -v
 
 bench: setup
 	.venv/bin/python bench/check_throughput

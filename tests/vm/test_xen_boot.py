@@ -1,6 +1,6 @@
 """Real Xen: Debian's hypervisor with the standard amd64 kernel as its PV dom0, inside QEMU (TCG).
 
-Opt-in (LAZYTRACE_XEN_TESTS=1): one boot + workload + poweroff took 25-50 s with other guests sharing the
+In CI (`make test` sets LAZYTRACE_XEN_TESTS=1 and fetches the dom0 kernel), opt-in elsewhere: one boot + workload + poweroff took 25-50 s with other guests sharing the
 2-core host (load 6-8) and up to 2.4 min at load 8-12 (Xen boots first, unpacks dom0's xz-compressed kernel
 under TCG, and dom0 then runs on top of Xen); the three tests here took 1 min 47 s together. When forced on,
 a missing kernel or hypervisor is fetched by the CLI itself (the dom0 kernel's -dbg package is 858 MB).
