@@ -66,3 +66,16 @@ def test_only_kernel_mapping_callers_enter_lazy_mode_preemptible(trace_copy):
     bad = rep.result("LAZY-PREEMPT").violations
     assert set(bad["site"]) <= KERNEL_LAZY_SITES, bad[["seq", "site", "comm", "preempt_count"]].to_string()
     assert int(regions["n_set_pte"].sum()) <= int((trace.df["event"] == "set_pte").sum())
+
+
+def test_findings_row_summarises_the_report(trace_copy):
+    from analysis.findings import row
+
+    check_dirs([trace_copy], expect_file=UPSTREAM_KNOWN, console=Console(file=io.StringIO(), width=120))
+    rep = json.loads((trace_copy / schema.REPORT_JSON).read_text())
+    ids = [i["id"] for i in rep["invariants"]]
+    cells = row(trace_copy, ids).strip("| ").split(" | ")
+    assert cells[1] == f"{rep['events']:,}" and cells[2] == str(rep["regions"]["count"])
+    for inv, c in zip(rep["invariants"], cells[3:], strict=True):
+        want = {"PASS": f"PASS 0/{inv['checked']}", "NOT-EXERCISED": "n/e"}.get(inv["status"])
+        assert c == want if want else c.startswith(f"**FAIL** {inv['violation_count']}/{inv['checked']} "), (inv["id"], c)
