@@ -47,14 +47,13 @@ import json
 import logging
 import os
 import shutil
-import struct
 import subprocess
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import paths, probes, schema
+from . import elfinfo, paths, probes, schema
 from .errors import GdbError, KernelError, ToolMissingError
 
 log = logging.getLogger(__name__)
@@ -70,52 +69,6 @@ OFFSET_KEYS = (
     "pcpu_preempt_count", "pcpu_cpu_number", "pcpu_current_task", "task_pid", "task_comm", "task_comm_len",
     "task_mm", "pt_regs_si", "pt_regs_di", "init_mm", "linux_banner", "per_cpu_offset",
 )
-
-_NT_GNU_BUILD_ID = 3
-
-
-def read_build_id(vmlinux: Path) -> str:
-    """The GNU build-id (hex) from a vmlinux's ELF notes, reading only headers and note sections.
-
-    :raises KernelError: not a 64-bit little-endian ELF, or it has no GNU build-id note.
-    """
-    vmlinux = Path(vmlinux)
-    try:
-        with vmlinux.open("rb") as f:
-            ident = f.read(64)
-            if len(ident) < 64 or ident[:4] != b"\x7fELF" or ident[4] != 2 or ident[5] != 1:
-                raise KernelError(f"{vmlinux}: not a 64-bit little-endian ELF file")
-            e_shoff, = struct.unpack_from("<Q", ident, 0x28)
-            e_shentsize, e_shnum = struct.unpack_from("<HH", ident, 0x3A)
-            f.seek(e_shoff)
-            shdrs = f.read(e_shentsize * e_shnum)
-            for i in range(e_shnum):
-                sh_type, = struct.unpack_from("<I", shdrs, i * e_shentsize + 4)
-                if sh_type != 7:  # SHT_NOTE
-                    continue
-                sh_offset, sh_size = struct.unpack_from("<QQ", shdrs, i * e_shentsize + 0x18)
-                f.seek(sh_offset)
-                build_id = _build_id_in_notes(f.read(sh_size))
-                if build_id:
-                    return build_id
-    except OSError as exc:
-        raise KernelError(f"{vmlinux}: cannot read: {exc}") from exc
-    except struct.error as exc:
-        raise KernelError(f"{vmlinux}: truncated ELF headers: {exc}") from exc
-    raise KernelError(f"{vmlinux}: no GNU build-id note (was the kernel built without --build-id?)")
-
-
-def _build_id_in_notes(data: bytes) -> str | None:
-    off = 0
-    while off + 12 <= len(data):
-        namesz, descsz, ntype = struct.unpack_from("<III", data, off)
-        name_off = off + 12
-        desc_off = name_off + ((namesz + 3) & ~3)
-        if ntype == _NT_GNU_BUILD_ID and data[name_off:name_off + namesz].rstrip(b"\0") == b"GNU":
-            return data[desc_off:desc_off + descsz].hex()
-        off = desc_off + ((descsz + 3) & ~3)
-    return None
-
 
 def probe_table_hash(table: list[dict] | None = None) -> str:
     """Short hash of the probe table (part of the cache validity check)."""
@@ -287,7 +240,7 @@ def resolve(vmlinux: Path, *, gdb: str = "gdb", refresh: bool = False, check: bo
     vmlinux = Path(vmlinux)
     if not vmlinux.is_file():
         raise KernelError(f"vmlinux not found: {vmlinux}")
-    build_id = read_build_id(vmlinux)
+    build_id = elfinfo.build_id(vmlinux)
     table = probes.probe_table_json()
     phash = probe_table_hash(table)
     path = cache_path(build_id)

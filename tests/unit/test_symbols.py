@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tracer import probes, rawformat, rawtrace, schema, symbols
+from tracer import elfinfo, probes, rawformat, rawtrace, schema, symbols
 from tracer.errors import KernelError, ToolMissingError
 from tracer.symbols import Symbols
 
@@ -37,32 +37,21 @@ def test_build_id_matches_readelf(tmp_path):
     exe = _compile(tmp_path, "-Wl,--build-id=sha1")
     notes = subprocess.run(["readelf", "-n", str(exe)], capture_output=True, text=True, check=True).stdout
     want = re.search(r"Build ID: ([0-9a-f]+)", notes).group(1)
-    assert symbols.read_build_id(exe) == want
+    assert elfinfo.build_id(exe) == want
 
 
 @pytest.mark.skipif(not HAVE_GCC, reason="needs gcc (apt-get install gcc)")
 def test_no_build_id_is_a_kernel_error(tmp_path):
     exe = _compile(tmp_path, "-Wl,--build-id=none")
     with pytest.raises(KernelError, match="no GNU build-id"):
-        symbols.read_build_id(exe)
+        elfinfo.build_id(exe)
 
 
 def test_not_elf(tmp_path):
     p = tmp_path / "vmlinux"
     p.write_bytes(b"not an elf file at all" * 4)
-    with pytest.raises(KernelError, match="not a 64-bit little-endian ELF"):
-        symbols.read_build_id(p)
-
-
-def test_notes_parser_skips_other_notes():
-    def note(name: bytes, ntype: int, desc: bytes) -> bytes:
-        pad = lambda b: b + b"\0" * (-len(b) % 4)  # noqa: E731
-        return len(name).to_bytes(4, "little") + len(desc).to_bytes(4, "little") + ntype.to_bytes(4, "little") \
-            + pad(name) + pad(desc)
-
-    data = note(b"Xen\0", 3, b"\x01\x02") + note(b"GNU\0", 1, b"abcd") + note(b"GNU\0", 3, bytes(range(20)))
-    assert symbols._build_id_in_notes(data) == bytes(range(20)).hex()
-    assert symbols._build_id_in_notes(note(b"GNU\0", 1, b"abcd")) is None
+    with pytest.raises(KernelError, match="not a readable ELF"):
+        elfinfo.build_id(p)
 
 
 def sample_symbols(**kw) -> Symbols:
@@ -127,7 +116,7 @@ def test_cache_hit_needs_no_gdb(tmp_path, monkeypatch):
         pytest.skip("needs gcc (apt-get install gcc)")
     monkeypatch.setenv("LAZYTRACE_CACHE", str(tmp_path / "cache"))
     exe = _compile(tmp_path, "-Wl,--build-id=sha1")
-    bid = symbols.read_build_id(exe)
+    bid = elfinfo.build_id(exe)
     s = sample_symbols(build_id=bid, probe_hash=symbols.probe_table_hash())
     path = symbols.cache_path(bid)
     path.parent.mkdir(parents=True)
