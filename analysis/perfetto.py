@@ -9,7 +9,10 @@ Layout (Trace Event Format, "JSON Object Format"):
 * each context switch is a thread-scoped instant (``ph: "i"``), each violation an instant named after
   its invariant with the kernel-style title in its args;
 * ``preempt_count`` is a counter per CPU (``ph: "C"``, track ``preempt_count cpu n``), one sample
-  where it changes.
+  where it changes;
+* under Xen PV (where the trace knows them) two more counters per CPU: ``xen lazy_mode cpu n`` (0 none,
+  1 MMU, 2 CPU, the guest's own per-CPU state) and ``xen mc_pending cpu n`` (multicall entries queued, not
+  yet issued to the hypervisor): the batch filling inside a region and emptying at its leave.
 
 Times are host ``t_ns`` relative to the first event, in microseconds (the format's unit).
 """
@@ -94,20 +97,38 @@ def perfetto_events(df: pd.DataFrame, regions: pd.DataFrame, violations: pd.Data
                                 "expected": bool(getattr(row, "expected", False))}})
 
     pcnt = df_preempt_count(df)
-    total = len(pcnt)
-    if total > MAX_COUNTER_SAMPLES:
-        keep = np.unique(np.linspace(0, total - 1, MAX_COUNTER_SAMPLES).astype(np.int64))
-        pcnt = pcnt.iloc[keep]
-    ts = _us(pcnt["t_ns"], t0)
-    for i, (cpu, val) in enumerate(zip(pcnt["cpu"].to_numpy(), pcnt["preempt_count"].to_numpy(), strict=False)):
-        ev.append({"ph": "C", "pid": PID, "ts": float(ts[i]), "name": f"preempt_count cpu {int(cpu)}",
-                   "args": {"value": int(val)}})
+    total, written = len(pcnt), _counter(ev, pcnt, "preempt_count", "preempt_count", t0)
+    for col in ("lazy_mode", "mc_pending"):
+        if col in df.columns and df[col].notna().any():
+            _counter(ev, _changes(df, col), col, f"xen {col}", t0)
     return {
         "traceEvents": ev,
         "displayTimeUnit": "ns",
         "otherData": {"trace": name, "t0_ns": t0, "counter_samples": total,
-                      "counter_samples_written": len(pcnt)},
+                      "counter_samples_written": written},
     }
+
+
+def _changes(df: pd.DataFrame, col: str) -> pd.DataFrame:
+    """Rows (t_ns, cpu, col) where ``col`` changes on its CPU, in ``seq`` order (unknown values dropped)."""
+    d = df.loc[df[col].notna(), ["seq", "t_ns", "cpu", col]].sort_values(["cpu", "seq"], kind="stable")
+    vals = d[col].to_numpy(dtype=np.int64)
+    cpu = d["cpu"].to_numpy()
+    keep = np.ones(len(d), bool)
+    keep[1:] = (vals[1:] != vals[:-1]) | (cpu[1:] != cpu[:-1])
+    return d[keep]
+
+
+def _counter(ev: list[dict[str, Any]], samples: pd.DataFrame, col: str, track: str, t0: int) -> int:
+    """Append one counter sample per row (at most :data:`MAX_COUNTER_SAMPLES`, thinned evenly); how many."""
+    if len(samples) > MAX_COUNTER_SAMPLES:
+        keep = np.unique(np.linspace(0, len(samples) - 1, MAX_COUNTER_SAMPLES).astype(np.int64))
+        samples = samples.iloc[keep]
+    ts = _us(samples["t_ns"], t0)
+    for i, (cpu, val) in enumerate(zip(samples["cpu"].to_numpy(), samples[col].to_numpy(), strict=False)):
+        ev.append({"ph": "C", "pid": PID, "ts": float(ts[i]), "name": f"{track} cpu {int(cpu)}",
+                   "args": {"value": int(val)}})
+    return len(samples)
 
 
 def write_perfetto(df: pd.DataFrame, regions: pd.DataFrame, violations: pd.DataFrame,

@@ -264,3 +264,25 @@ def test_null_columns_are_not_exercised():
 def test_trace_without_the_columns_is_not_exercised():
     rep = check_trace(load_trace(FIXTURE), invariants=[BATCH, SAVE])
     assert [(r.status, r.checked) for r in rep.results] == [(NOT_EXERCISED, 0)] * 2
+
+
+# -- Perfetto export ---------------------------------------------------------------------------------------------
+
+def test_perfetto_has_xen_counters_only_when_the_trace_knows_the_state():
+    from analysis.invariants import empty_violations
+    from analysis.perfetto import perfetto_events
+    from analysis.regions import df_lazy_regions
+
+    df = events_frame(region(n=3) + [outside()])
+    doc = perfetto_events(df, df_lazy_regions(df), empty_violations())
+    series = {}
+    for e in doc["traceEvents"]:
+        if e["ph"] == "C":
+            series.setdefault(e["name"], []).append(e["args"]["value"])
+    # one sample per change on the CPU: the batch filling inside the region and empty again after the leave
+    assert series["xen mc_pending cpu 0"] == [0, 1, 2, 3, 0]
+    assert series["xen lazy_mode cpu 0"] == [NONE, MMU, NONE]
+    native = load_trace(FIXTURE).df
+    names = {e["name"] for e in perfetto_events(native, df_lazy_regions(native, windowed=True),
+                                                empty_violations())["traceEvents"] if e["ph"] == "C"}
+    assert names and not any(n.startswith("xen ") for n in names)
