@@ -4,7 +4,7 @@
 # Expected: LAZY-PAIRING FAILs (one nested enter, one leave without enter) on the first CPU of $LT_CPUS;
 # the guest survives (the lazy pv-ops are NOPs on a native/KVM guest). Under Xen PV the nested enter hits
 # enter_lazy()'s BUG_ON (arch/x86/kernel/paravirt.c) and dom0 panics: lazytrace exits 3 and keeps the trace
-# up to the panic, whose last lazy event is the nested enter (tests/vm/test_xen_invariants.py).
+# up to the panic, whose last lazy event is the nested enter (tests/vm/test_xen_trace.py).
 cpu=${LT_CPUS%%,*}
 init_mm=$(awk '$3 == "init_mm" { print $1 }' /proc/kallsyms)
 # The module's own account (pid, CPUs, preempt_count) is evidence the tests compare with the trace: raise
