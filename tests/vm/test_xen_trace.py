@@ -172,3 +172,53 @@ def test_gdb_backend_reads_xen_state_like_the_plugin(run_dir: Path):
     res = by_id(rep)
     for inv in ("XEN-LAZY-STATE", "XEN-BATCH-ISSUED", "XEN-SWITCH-SAVE"):
         assert res[inv]["status"] == "PASS" and res[inv]["checked"] > 0, (inv, res[inv])
+
+
+#: Fields both recorders read from the guest at the same instant (tests/vm/test_crosscheck.py), plus the Xen
+#: state: the virtual interrupt flag (in irqs_on), the lazy mode and the multicall fill.
+XEN_SAME_FIELDS = ["seq", "event", "site", "pc", "ptep", "pteval", "preempt_count", "need_resched", "irqs_on",
+                   "pid", "next_pid", "cpu", "lazy_mode", "lazy_mmu", "mc_pending"]
+
+
+def test_both_recorders_on_one_xen_guest_read_the_same_state(tmp_path: Path):
+    """One Xen guest, plugin and gdb attached at once: every event recorded once by each, identical values,
+    the Xen state included. The gdb collector single-steps over each probe (``emulate=False``) so that the
+    instruction executes and the plugin's callback fires (as in test_crosscheck.test_same_run_event_by_event)."""
+    from dataclasses import replace
+
+    import pandas as pd
+
+    from tracer import rawtrace, runspec, symbols
+    from tracer.gdb_recorder import GdbRecorder
+    from tracer.gdb_session import GdbSession
+    from tracer.plugin_recorder import PluginRecorder, extra_percpu_offsets
+    from tracer.qemu import Guest
+    from tracer.record import GDB_ICOUNT_ARGS
+
+    res = runspec.resolve(runspec.RunSpec(kernel=DOM0_KERNEL, profile=XEN_PROFILE, workload="fork-exec",
+                                          iterations=1), gdb=True, paused=True, single_thread_tcg=True)
+    syms = symbols.resolve(res.guest.kernel.vmlinux)
+    gdir, pdir = tmp_path / "gdb", tmp_path / "plugin"
+    prec = PluginRecorder(syms, pdir, arm="marker", irq="xen")
+    # as `lazytrace record --backend gdb` runs it: instruction-counted time (tracer.record.GDB_ICOUNT_ARGS)
+    cfg = replace(res.guest, extra_args=(*res.guest.extra_args, *GDB_ICOUNT_ARGS, *prec.qemu_args()))
+    with Guest(gdir, cfg) as guest:
+        with GdbSession(cfg.kernel.vmlinux, guest.gdb_socket, gdir / schema.GDB_LOG) as gdb:
+            grec = GdbRecorder(gdb, syms, gdir, arm="marker", emulate=False, xen=extra_percpu_offsets(syms))
+            grec.start(watch=guest.watch_console)
+            try:
+                status = guest.run_workload(workload_timeout=RUN_TIMEOUT_S, poll=grec.poll, boot_timeout=120.0)
+            finally:
+                grec.stop()
+        guest.wait_poweroff()
+    pstats = prec.finish()
+    assert status == 0 and pstats["complete"] and pstats["events_lost"] == 0
+    rawtrace.convert_dir(gdir)
+    rawtrace.convert_dir(pdir)
+    g = pd.read_parquet(gdir / schema.TRACE_FILE)
+    p = pd.read_parquet(pdir / schema.TRACE_FILE)
+    print(f"\nxen, both recorders on one guest: gdb {len(g)} events, plugin {len(p)} events")
+    assert len(p) == len(g) > 1000
+    assert g["lazy_mode"].notna().all() and g["mc_pending"].notna().all()
+    pd.testing.assert_frame_equal(g[XEN_SAME_FIELDS], p[XEN_SAME_FIELDS], check_dtype=True)
+    assert (g["mc_pending"] > 0).any() and (g["lazy_mode"] == schema.LAZY_CPU).any()
