@@ -286,3 +286,30 @@ def test_perfetto_has_xen_counters_only_when_the_trace_knows_the_state():
     names = {e["name"] for e in perfetto_events(native, df_lazy_regions(native, windowed=True),
                                                 empty_violations())["traceEvents"] if e["ph"] == "C"}
     assert names and not any(n.startswith("xen ") for n in names)
+
+
+# -- a real Xen trace -------------------------------------------------------------------------------------------
+
+XEN_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "xen-lazy-migrate-6.1-plugin"
+
+
+def test_real_xen_migration_trace():
+    """violate-lazy-migrate recorded by the plugin on Xen (6.1 dom0, --cpus 1,0): insmod (pid 106) is moved
+    from CPU 1 to CPU 0 inside apply_to_page_range(&init_mm)'s lazy region; Xen saves and restores it."""
+    trace = load_trace(XEN_FIXTURE)
+    rep = check_trace(trace)
+    status = {r.id: r.status for r in rep.results}
+    assert status["XEN-LAZY-STATE"] == status[BATCH] == status[SAVE] == PASS
+    assert all(rep.result(i).checked > 0 for i in ("XEN-LAZY-STATE", BATCH, SAVE))
+    assert status["LAZY-PAIRING"] == PASS  # Xen's own leave/enter keep the regions paired across CPUs
+    nosw = rep.result("LAZY-NO-SWITCH").violations
+    assert nosw[["seq", "cpu", "pid", "site"]].values.tolist() == [[8060, 1, 106, "__apply_to_page_range"]]
+    st = LazyState(trace.df, windowed=True)
+    df = trace.df.set_index("seq")
+    restore = int(df.index[(df["site"] == "paravirt_end_context_switch")].item())
+    assert (df.loc[restore, "pid"], df.loc[restore, "cpu"]) == (0, 0)  # recorded as the previous task, swapper/0
+    pids, known = st.r_task
+    real = np.flatnonzero(st.r_enter >= 0)
+    enter_seq = st.column("seq")[st.rows(st.r_enter[real])]
+    reg = real[enter_seq == restore]
+    assert len(reg) == 1 and known[reg[0]] and pids[reg[0]] == 106  # the restored region is insmod's
