@@ -186,3 +186,15 @@ def test_fixture_like_trace_from_disk_matches_in_memory(tmp_path, synth_df):
     b = check_trace(Trace.from_frame(synth_df, windowed=True))
     assert [(r.id, r.status, r.checked, r.n_violations) for r in a.results] == \
            [(r.id, r.status, r.checked, r.n_violations) for r in b.results]
+
+
+def test_shipped_expect_files_load_and_rt_never_accepts_pairing():
+    shipped = sorted(UPSTREAM_KNOWN.parent.glob("*.toml"))
+    assert {p.name for p in shipped} >= {"upstream-known.toml", "preempt-rt.toml"}
+    for p in shipped:
+        entries = load_expect(p)  # valid TOML, keys and invariant ids
+        assert entries and all(e.reason for e in entries), p
+    rt = load_expect(UPSTREAM_KNOWN.parent / "preempt-rt.toml")
+    # RT's design makes regions preemptible; it does not make enter/leave mispair or kernel updates unflushed
+    assert {e.id for e in rt} == {"LAZY-PREEMPT", "LAZY-SETPTE-ATOMIC", "LAZY-NO-SWITCH"}
+    assert all(e.site != "*" for e in rt if e.id == "LAZY-NO-SWITCH")
