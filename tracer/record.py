@@ -109,6 +109,20 @@ def record(resolved: Resolved, run_dir: Path, *, backend: str, arm: str = "marke
     return result
 
 
+def _watchers(rec, tick, phase, arm):
+    """The callbacks a guest run calls: ``poll`` (recorder health + live progress) and ``on_start`` (the
+    workload-start sentinel was seen: the progress line says what is being traced)."""
+
+    def poll() -> None:
+        rec.poll()
+        tick()
+
+    def on_start() -> None:
+        phase[0] = "tracing the workload window" if arm == "marker" else "tracing"
+
+    return poll, on_start
+
+
 def _record_gdb(resolved, run_dir, syms, arm, emulate, icount, m, result, tick, phase) -> None:
     from .gdb_recorder import GdbRecorder
     from .gdb_session import GdbSession
@@ -138,12 +152,7 @@ def _record_gdb(resolved, run_dir, syms, arm, emulate, icount, m, result, tick, 
         rec = GdbRecorder(gdb, syms, run_dir, arm=arm, xen=xen, **kwargs)
         rec.start(watch=guest.watch_console)
 
-        def poll() -> None:
-            rec.poll()
-            tick()
-
-        def on_start() -> None:
-            phase[0] = "tracing the workload window" if arm == "marker" else "tracing"
+        poll, on_start = _watchers(rec, tick, phase, arm)
 
         try:
             result.workload_status = guest.run_workload(
@@ -170,12 +179,7 @@ def _record_plugin(resolved, run_dir, syms, arm, m, result, tick, phase) -> None
     with Guest(run_dir, cfg) as guest:
         m.update(qemu={"version": qemu_version(), "argv": guest.argv})
 
-        def poll() -> None:
-            rec.poll()
-            tick()
-
-        def on_start() -> None:
-            phase[0] = "tracing the workload window" if arm == "marker" else "tracing"
+        poll, on_start = _watchers(rec, tick, phase, arm)
 
         try:
             result.workload_status = guest.run_workload(
