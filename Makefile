@@ -17,6 +17,7 @@ test: setup
 	.venv/bin/lazytrace kernels fetch debian-6.1-cloud
 	.venv/bin/lazytrace kernels fetch debian-6.12-cloud
 	.venv/bin/lazytrace kernels fetch debian-6.1-amd64
+	.venv/bin/lazytrace xen fetch xen-pv-smp2
 	LAZYTRACE_VM_TESTS=1 LAZYTRACE_XEN_TESTS=1 .venv/bin/pytest -v
 
 bench: setup

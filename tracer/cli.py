@@ -289,6 +289,27 @@ def kernels_verify(name: str) -> None:
     click.echo(f"{name}: OK: {k.info['banner']}\n  build-id {k.build_id}")
 
 
+@cli.group(name="xen")
+def xen_cmd() -> None:
+    """The Xen hypervisor of a xen-pv machine profile."""
+
+
+@xen_cmd.command(name="fetch")
+@click.argument("profile", default="xen-pv-smp2")
+def xen_fetch(profile: str) -> None:
+    """Download, unpack and verify the profile's hypervisor package into the cache (idempotent)."""
+    from . import xen
+
+    try:
+        prof = profiles.load_profile(profile)
+        prog, cb = download_progress()
+        with prog:
+            hv = xen.get_hypervisor(prof, progress=cb)
+    except LazytraceError as exc:
+        _fail(exc)
+    click.echo(f"{profile}: Xen {hv.version} in {hv.image}")
+
+
 def main() -> None:
     cli(prog_name="lazytrace")
 

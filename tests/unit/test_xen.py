@@ -102,7 +102,7 @@ def cached_kernel(name: str) -> kernels.Kernel:
 def cached_hypervisor() -> xen.Hypervisor:
     hv = xen.cached(profiles.load_profile(XEN_PROFILE))
     if hv is None:
-        pytest.skip(f"Xen not fetched (run `lazytrace boot --profile {XEN_PROFILE} --kernel {DOM0_KERNEL}`)")
+        pytest.skip(f"Xen not fetched (run `lazytrace xen fetch {XEN_PROFILE}`)")
     return hv
 
 
@@ -361,3 +361,14 @@ def test_cli_cloud_kernel_is_refused_as_dom0(tmp_path: Path):
     assert r.returncode == 2, r.stderr
     assert "lazytrace: error: kernel debian-6.1-cloud (6.1.0-" in r.stderr
     assert "cannot boot as a Xen dom0: its config lacks CONFIG_XEN_DOM0" in r.stderr
+
+
+def test_xen_fetch_cli_refuses_a_profile_without_a_hypervisor():
+    from click.testing import CliRunner
+
+    from tracer.cli import cli
+
+    r = CliRunner().invoke(cli, ["xen", "fetch", "tcg-smp2"])
+    assert r.exit_code == 2 and "it boots no hypervisor" in r.output
+    r = CliRunner().invoke(cli, ["xen", "fetch", "no-such-profile"])
+    assert r.exit_code == 2 and "unknown profile" in r.output
