@@ -37,10 +37,13 @@ Xen PV (optional probes: absent or never hit on a plain kernel, so native traces
 * The lazy pv-op targets (``paravirt_enter_lazy_mmu``, ``xen_leave_lazy_mmu``) are deliberately NOT probed:
   each is reached only through an inline ``arch_enter/leave_lazy_mmu_mode`` site that already records the
   lazy_enter/lazy_leave, so probing them would count every transition twice. Their effect is recorded
-  instead: under Xen the plugin reads the per-CPU ``paravirt_lazy_mode`` into the ``lazy_mmu`` column of
+  instead: under Xen both recorders read the per-CPU ``paravirt_lazy_mode`` into the ``lazy_mode`` column of
   every event (checked against the regions by ``XEN-LAZY-STATE``).
 * ``xen_mc_flush`` (the multicall flush) is not probed: it fires tens of thousands of times per run, mostly
-  from context switches and TLB flushes (DESIGN.md, Xen PV facts), and carries no lazy-MMU information.
+  from context switches and TLB flushes (DESIGN.md, Xen PV facts). What it does for lazy MMU mode is recorded
+  instead: both recorders read the CPU's multicall buffer fill (``mc_buffer.mcidx``) into ``mc_pending`` at
+  every event, so a batch queued and later issued shows as the fill rising and going back to 0
+  (``XEN-BATCH-ISSUED``).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ is empty at every probe. Inside a context switch (``PARAVIRT_LAZY_CPU``) entries
 for ``xen_end_context_switch``'s flush, and in interrupt context ``paravirt_get_lazy_mode()`` answers NONE
 while the interrupted region's batch is still pending.
 
-The plugin reads the per-CPU ``paravirt_lazy_mode`` (``lazy_mode``) and ``mc_buffer.mcidx``
+Both recorders read the per-CPU ``paravirt_lazy_mode`` (``lazy_mode``) and ``mc_buffer.mcidx``
 (``mc_pending``) before each probed instruction (Xen PV only; null elsewhere). Per CPU, on the events
 with both known:
 
@@ -27,7 +27,7 @@ with both known:
   region ended or was flushed).
 
 ``checked`` counts the tested set_pte events plus the events with ``lazy_mode`` NONE. A trace where no
-event carries both values (native guests, the gdb backend, traces older than the columns) is
+event carries both values (native guests, traces older than the columns) is
 NOT-EXERCISED. Other set_pte sites (``native_set_pte`` inlined into the mm code) are direct writes that
 trap to Xen and are never batched: they are not tested by the first check.
 """
@@ -57,7 +57,7 @@ BATCHING_SITES: frozenset[str] = frozenset({"xen_set_pte", "xen_ptep_modify_prot
     requires=(),
     tested="Xen set_pte events in lazy MMU mode followed by a task-context event, and events outside lazy mode",
     idle_reason="no event carries the per-CPU lazy mode and multicall batch fill: they are read only under "
-    "Xen PV by the plugin backend (native guests and older traces lack them)",
+    "Xen PV, by both recorders (native guests and older traces lack them)",
     order=91,
 )
 def check(ctx: CheckContext) -> CheckResult:

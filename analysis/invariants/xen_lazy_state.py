@@ -9,7 +9,7 @@ shows open while the CPU is not lazy means PTE writes that the caller believes b
 (harmless for ordering, but the region's bookkeeping is wrong), and a CPU left lazy outside every region
 means updates that sit in a multicall batch nobody flushes until the next context switch.
 
-The plugin reads ``paravirt_lazy_mode`` at every event (Xen PV only; ``lazy_mmu`` is null elsewhere). Probes
+Both recorders read ``paravirt_lazy_mode`` at every event (Xen PV only; ``lazy_mmu`` is null elsewhere). Probes
 fire *before* the probed instruction, so the expected state is:
 
 * at the ``lazy_enter`` that opens a region: not lazy (the pv-op has not run yet);
@@ -21,7 +21,7 @@ fire *before* the probed instruction, so the expected state is:
 
 The raw per-CPU variable is read, not ``paravirt_get_lazy_mode()`` (which answers NONE in interrupt
 context): an interrupt inside a region still expects MMU. ``checked`` counts the events with a known
-``lazy_mmu``; a trace without any (native guests, the gdb backend, traces older than the column) is
+``lazy_mmu``; a trace without any (native guests, traces older than the column) is
 NOT-EXERCISED. A region open at the window's start is known only from its leave (a *virtual* region,
 :mod:`analysis.lazystate`): its events are checked like any region's.
 """
@@ -44,8 +44,8 @@ ID = "XEN-LAZY-STATE"
     "(arch/x86/kernel/paravirt.c), xen_leave_lazy_mmu and xen_batched_set_pte (arch/x86/xen/mmu_pv.c)",
     requires=(),
     tested="events with a known per-CPU lazy state",
-    idle_reason="no event carries the per-CPU lazy state: it is read only under Xen PV by the plugin "
-    "backend (on a native guest the lazy ops are NOP-patched and paravirt_lazy_mode stays 0)",
+    idle_reason="no event carries the per-CPU lazy state: it is read only under Xen PV (by both "
+    "recorders; on a native guest the lazy ops are NOP-patched and paravirt_lazy_mode stays 0)",
     order=90,
 )
 def check(ctx: CheckContext) -> CheckResult:

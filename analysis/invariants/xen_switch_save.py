@@ -13,7 +13,7 @@ trace records it with the *previous* task's pid, and it belongs to the switch's 
 (``LazyState.switched_in``). The sites are :data:`analysis.lazystate.XEN_SAVE_SITES` (a ``lazy_leave``, the
 *save*) and :data:`analysis.lazystate.XEN_RESTORE_SITES` (a ``lazy_enter``, the *restore*).
 
-Checks, on events whose per-CPU ``lazy_mode`` is known (Xen PV plugin traces; switches, saves and
+Checks, on events whose per-CPU ``lazy_mode`` is known (Xen PV traces; switches, saves and
 restores with any ``lazy_mode`` still count as evidence):
 
 * a ``switch`` event (``__switch_to``, probed before it runs) must not see ``lazy_mode`` MMU: the save
@@ -84,8 +84,8 @@ def _last_before(a_pid: np.ndarray, a_seq: np.ndarray, q_pid: np.ndarray, q_seq:
     "(arch/x86/xen/enlighten_pv.c)",
     requires=(),
     tested="switch events with a known lazy mode, and Xen lazy-state saves and restores",
-    idle_reason="no event carries the per-CPU lazy mode: it is read only under Xen PV by the plugin backend "
-    "(on a native guest the lazy ops are NOP-patched and nothing is saved at a switch)",
+    idle_reason="no event carries the per-CPU lazy mode: it is read only under Xen PV (by both recorders; "
+    "on a native guest the lazy ops are NOP-patched and nothing is saved at a switch)",
     order=92,
 )
 def check(ctx: CheckContext) -> CheckResult:
