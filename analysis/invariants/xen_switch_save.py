@@ -6,9 +6,9 @@ keeps a task's lazy region across a switch instead: ``context_switch()`` calls
 6.12: ``xen_start_context_switch()``, ``arch/x86/xen/enlighten_pv.c``), which, when the mode is MMU, leaves
 lazy mode through the inlined ``arch_leave_lazy_mmu_mode()`` (flushing the batch), sets
 ``TIF_LAZY_MMU_UPDATES`` on ``prev`` and enters ``PARAVIRT_LAZY_CPU``. ``__switch_to`` then calls
-``arch_end_context_switch(next)``, ``xen_end_context_switch()``: ``xen_mc_flush()``, the mode back to NONE,
-and, if ``next`` has ``TIF_LAZY_MMU_UPDATES``, ``paravirt_end_context_switch()`` re-enters lazy MMU mode for
-it with the inlined ``arch_enter_lazy_mmu_mode()``. That enter runs before ``current_task`` is updated: the
+``arch_end_context_switch(next)``, ``xen_end_context_switch()``: ``xen_mc_flush()``, then
+``paravirt_end_context_switch()`` sets the mode back to NONE and, if ``next`` has ``TIF_LAZY_MMU_UPDATES``,
+re-enters lazy MMU mode for it with the inlined ``arch_enter_lazy_mmu_mode()``. That enter runs before ``current_task`` is updated: the
 trace records it with the *previous* task's pid, and it belongs to the switch's ``next_pid``
 (``LazyState.switched_in``). The sites are :data:`analysis.lazystate.XEN_SAVE_SITES` (a ``lazy_leave``, the
 *save*) and :data:`analysis.lazystate.XEN_RESTORE_SITES` (a ``lazy_enter``, the *restore*).
