@@ -40,9 +40,18 @@ def check(ctx: CheckContext) -> CheckResult:
     in_irq = (lsp.col("preempt_count") & schema.IRQ_CONTEXT_MASK) != 0
     sp, reg, rows = lsp.pos[in_irq], lsp.reg[in_irq], lsp.rows[in_irq]
     bad = ~st.site_in(rows, IRQ_ALLOWED_SET_PTE_SITES)
+    detail = [f"interrupted lazy region entered in {s}" for s in region_sites(st, reg[bad])]
+    if "mc_pending" in st.df.columns:
+        # Xen PV: paravirt_get_lazy_mode() answers NONE in interrupt context, so this update is a hypercall
+        # issued at once, ahead of whatever the interrupted region still has queued in the multicall batch
+        mc, known = st.masked("mc_pending")
+        bad_rows = rows[bad]
+        for i, (k, n) in enumerate(zip(known[bad_rows], mc[bad_rows], strict=True)):
+            if k:
+                detail[i] += (f"; Xen: issued at once, ahead of {int(n)} multicall entries the region still "
+                              "has queued" if n else "; Xen: issued at once (the region's batch was empty)")
     v = ctx.violations(ID, sp[bad], "set_pte from interrupt context in {site} while the CPU is lazy",
-                       related_pos=st.r_enter[reg[bad]],
-                       detail=[f"interrupted lazy region entered in {s}" for s in region_sites(st, reg[bad])])
+                       related_pos=st.r_enter[reg[bad]], detail=detail)
     idle = ""
     if not len(sp):
         idle = (f"no set_pte from interrupt context while a CPU was lazy ({len(lsp)} set_pte inside "

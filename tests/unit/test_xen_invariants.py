@@ -313,3 +313,13 @@ def test_real_xen_migration_trace():
     enter_seq = st.column("seq")[st.rows(st.r_enter[real])]
     reg = real[enter_seq == restore]
     assert len(reg) == 1 and known[reg[0]] and pids[reg[0]] == 106  # the restored region is insmod's
+
+
+def test_irq_in_lazy_says_what_the_interrupt_overtakes_under_xen():
+    # two updates queued in the region, then a hard-irq xen_set_pte: a hypercall issued ahead of them
+    ev = (region(n=2)[:-1]
+          + [x(SP, "xen_set_pte", MMU, 1, preempt_count=IRQ, irqs_on=False), x(L, "zap_pte_range", MMU, 1)])
+    res = result(ev, "IRQ-IN-LAZY")
+    assert res.status == FAIL and seqs(res) == [3]
+    assert res.violations["detail"].iloc[0] == ("interrupted lazy region entered in zap_pte_range; Xen: issued "
+                                                "at once, ahead of 1 multicall entries the region still has queued")
