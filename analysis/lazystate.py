@@ -140,6 +140,11 @@ class LazyState:
     def _grp_of(self, pos: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.grp_start, pos, side="right") - 1
 
+    def cpu_end(self, pos: np.ndarray) -> np.ndarray:
+        """For each sorted position, the end (exclusive) of its CPU's run of positions: a later position
+        ``q`` is on the same CPU iff ``q < cpu_end(pos)``."""
+        return self.grp_end[self._grp_of(np.asarray(pos, dtype=np.int64))]
+
     def _build_regions(self) -> None:
         ev_s = self.ev_s
         el_pos = np.flatnonzero((ev_s == ENTER) | (ev_s == LEAVE))

@@ -57,6 +57,9 @@ class SynthConfig:
     :param kernel_preempt_zero: enter ``__apply_to_page_range`` regions with preempt_count 0 (6.1 reality).
     :param irq_set_pte_rate: chance that a set_pte inside a user region comes from an interrupt at a kmap
         site (allowed by IRQ-IN-LAZY).
+    :param xen: shape it like a Xen PV trace (:func:`xen_state`): the per-CPU ``lazy_mode`` and multicall
+        fill ``mc_pending`` known at every event, the task-context PTE writes of each region at
+        ``xen_set_pte`` and queued, so the Xen rules are exercised (and hold).
     """
 
     n_events: int = 100_000
@@ -64,6 +67,7 @@ class SynthConfig:
     seed: int = 0
     kernel_preempt_zero: bool = True
     irq_set_pte_rate: float = 0.0005
+    xen: bool = False
 
 
 def synth_events(cfg: SynthConfig = SynthConfig()) -> pd.DataFrame:
@@ -100,7 +104,51 @@ def synth_events(cfg: SynthConfig = SynthConfig()) -> pd.DataFrame:
             "mc_pending": pd.arrays.IntegerArray(np.zeros(n, np.uint8), np.ones(n, bool)),
         }
     )
-    return df
+    return xen_state(df) if cfg.xen else df
+
+
+def xen_state(df: pd.DataFrame) -> pd.DataFrame:
+    """The same events as a Xen PV dom0 would record them (a new frame).
+
+    Per CPU: ``lazy_mode`` MMU from after a region's enter through its leave, CPU (2) at switches, NONE
+    elsewhere; every task-context set_pte inside a region moves to ``xen_set_pte`` (Xen's pv-op, which
+    queues in lazy mode) and from the first of them to the leave one multicall entry is pending
+    (``mc_pending`` 1, consecutive updates extend one ``mmu_update``), none outside.
+    """
+    from .lazystate import LazyState  # the generator's own regions, per CPU
+
+    st = LazyState(df)
+    n = st.n
+    reg = st.region_of_pos
+    inside = reg >= 0
+    opening = np.zeros(n, bool)
+    opening[inside] = st.r_enter[reg[inside]] == np.flatnonzero(inside)
+    ev = st.ev_s
+    task_ctx = (st.column("preempt_count")[st.order] & schema.IRQ_CONTEXT_MASK) == 0
+    xsp = inside & (ev == _C["set_pte"]) & task_ctx
+    mode = np.where(inside & ~opening, schema.LAZY_MMU, schema.LAZY_NONE).astype(np.uint8)
+    mode[ev == _C["switch"]] = schema.LAZY_CPU
+    # pending from a region's first xen_set_pte on: a running count of them within the region
+    pend = np.zeros(n, np.uint8)
+    if inside.any():
+        r = reg[inside]
+        first = np.full(st.n_regions, n, np.int64)
+        np.minimum.at(first, reg[xsp], np.flatnonzero(xsp))
+        pos = np.flatnonzero(inside)
+        pend[pos] = (pos > first[r]).astype(np.uint8)
+    out = df.copy()
+    rows = st.order  # sorted position -> frame row
+    site = out["site"].to_numpy(dtype=object)
+    site[rows[xsp]] = "xen_set_pte"
+    out["site"] = pd.array(site, dtype="string[pyarrow]")
+    lm = np.empty(n, np.uint8)
+    lm[rows] = mode
+    mc = np.empty(n, np.uint8)
+    mc[rows] = pend
+    out["lazy_mode"] = pd.arrays.IntegerArray(lm, np.zeros(n, bool))
+    out["lazy_mmu"] = pd.arrays.BooleanArray(lm == schema.LAZY_MMU, np.zeros(n, bool))
+    out["mc_pending"] = pd.arrays.IntegerArray(mc, np.zeros(n, bool))
+    return out
 
 
 def _strings(codes: np.ndarray, names: tuple[str, ...]) -> pd.arrays.ArrowStringArray:
