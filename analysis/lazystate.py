@@ -302,13 +302,7 @@ class LazyState:
         cache = self.__dict__.setdefault("_positions", {})
         if key not in cache:
             cache[key] = np.flatnonzero(np.isin(self.ev_s, codes))
-        targets = cache[key]
-        if len(targets) == 0:
-            return np.full(len(pos), -1, np.int64)
-        j = np.searchsorted(targets, pos, side="right")
-        nxt = targets[np.minimum(j, len(targets) - 1)]
-        same = (j < len(targets)) & (nxt < self.grp_end[self._grp_of(pos)])
-        return np.where(same, nxt, -1)
+        return self.next_in(pos, cache[key])
 
     def next_in(self, pos: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """For each sorted position, the first of ``targets`` (ascending sorted positions) after it on the
@@ -318,7 +312,7 @@ class LazyState:
             return np.full(len(pos), -1, np.int64)
         j = np.searchsorted(targets, pos, side="right")
         nxt = targets[np.minimum(j, len(targets) - 1)]
-        same = (j < len(targets)) & (nxt < self.grp_end[self._grp_of(pos)])
+        same = (j < len(targets)) & (nxt < self.cpu_end(pos))
         return np.where(same, nxt, -1)
 
     def prev_in(self, pos: np.ndarray, targets: np.ndarray) -> np.ndarray:

@@ -57,7 +57,7 @@ def check(ctx: CheckContext) -> CheckResult:
     # guest (XEN-SWITCH-SAVE checks that the backend saved and restored it correctly).
     saved = np.flatnonzero(st.r_closed & (st.r_leave >= 0))
     saved = saved[st.site_in(st.rows(st.r_leave[saved]), XEN_SAVE_SITES)] if len(saved) else saved
-    after = st.next_in(st.r_leave[saved], sw) if len(saved) else np.zeros(0, np.int64)
+    after = st.next_in(st.r_leave[saved], sw)
     saved, after = saved[after >= 0], after[after >= 0]
     xen_saved = ctx.violations(ID, after, "context switch inside lazy region entered in {site}",
                                site=region_sites(st, saved), related_pos=st.r_enter[saved],
